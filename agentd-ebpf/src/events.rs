@@ -1,0 +1,51 @@
+//! Records for the daemon. Userspace twin: agentd/src/events.rs.
+
+use agentd_common::events::{EVENTS_BYTES, EventHeader};
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+
+/// Map `EVENTS`.
+/// - records: `agentd_common::events::*Event`, each starting with an [`EventHeader`]
+/// - size: [`EVENTS_BYTES`] bytes
+/// - owner: programs write; the daemon reads and consumes.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Map `EVENTS_LOST`.
+/// - key: index 0 only; value: `u64` count of records dropped because `EVENTS` was full
+/// - size: 1 entry per CPU
+/// - owner: programs increment; the daemon reads (sums over CPUs) and reports.
+#[map]
+static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// A header for the current task.
+#[inline(always)]
+pub fn header(kind: u32, hook: u32, agent: u64, verdict: u32) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EventHeader {
+        kind,
+        hook,
+        agent,
+        // SAFETY: no preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        verdict,
+        _pad: 0,
+    }
+}
+
+/// Sends `record` to the daemon, or counts it as lost.
+#[inline(always)]
+pub fn emit<T>(record: &T) {
+    if EVENTS.output::<T>(record, 0).is_err()
+        && let Some(lost) = EVENTS_LOST.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *lost += 1 };
+    }
+}

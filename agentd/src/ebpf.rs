@@ -1,0 +1,66 @@
+//! The kernel object agentd carries inside its binary, and how it is loaded.
+//!
+//! Loading creates every map; each enforcement module then loads and attaches its own
+//! programs ([`crate::network::attach`], [`crate::files::attach`]). Three read-only
+//! globals are fixed at load time: the agent root cgroup's id and level, and the kernel
+//! struct offsets taken from BTF.
+
+use agentd_common::{
+    agent::globals::{AGENT_ROOT_ID, AGENT_ROOT_LEVEL},
+    files::{KERNEL_OFFSETS_GLOBAL, KernelOffsets},
+};
+use anyhow::{Context as _, Result, bail};
+use aya::{Ebpf, EbpfLoader};
+
+/// The compiled agentd-ebpf object (built by build.rs).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentd-ebpf"));
+
+/// The cgroup below which every task is an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentRoot {
+    /// cgroup id of the agent root.
+    pub id: u64,
+    /// Its level in the cgroup2 hierarchy (the cgroup2 root is 0).
+    pub level: u32,
+}
+
+/// What the programs are told at load time.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadConfig {
+    pub root: AgentRoot,
+    pub offsets: KernelOffsets,
+}
+
+/// Creates agentd's maps and readies its programs for loading.
+pub fn load(cfg: &LoadConfig) -> Result<Ebpf> {
+    if OBJECT.is_empty() {
+        bail!(
+            "this agentd binary carries no kernel programs (it was built with AYA_BUILD_SKIP=1); \
+             rebuild it with `cargo xtask build`"
+        );
+    }
+    EbpfLoader::new()
+        .override_global(AGENT_ROOT_ID, &cfg.root.id, true)
+        .override_global(AGENT_ROOT_LEVEL, &cfg.root.level, true)
+        .override_global(KERNEL_OFFSETS_GLOBAL, &cfg.offsets, true)
+        .load(OBJECT)
+        .context("creating agentd's BPF maps (needs root: CAP_BPF and CAP_SYS_ADMIN)")
+}
+
+/// The kernel's id of a loaded program.
+pub fn program_id(ebpf: &Ebpf, name: &str) -> Result<u32> {
+    let prog = ebpf
+        .program(name)
+        .with_context(|| format!("no program {name} in the object"))?;
+    Ok(prog
+        .info()
+        .with_context(|| format!("querying program {name}"))?
+        .id())
+}
+
+/// True while a program with this id is loaded in the kernel.
+pub fn program_loaded(id: u32) -> bool {
+    aya::programs::loaded_programs()
+        .flatten()
+        .any(|p| p.id() == id)
+}

@@ -1,0 +1,23 @@
+//! agentd: a containment runtime for AI agents on Linux.
+//!
+//! The daemon loads eBPF programs that enforce, per agent and in the kernel, an egress
+//! allowlist, file access rules and resource budgets. Modules are named after the
+//! enforcement area they serve, like their kernel twins in agentd-ebpf/src:
+//!
+//! - [`agent`]: agent registration (kernel: `agent.rs`)
+//! - [`network`]: egress allowlist (kernel: `network.rs`)
+//! - [`files`]: file access rules (kernel: `files.rs`)
+//! - [`events`]: records from the kernel (kernel: `events.rs`)
+//! - [`doctor`]: what this host can enforce (kernel: `probe.rs`)
+//!
+//! and the plumbing they share: [`ebpf`] (the embedded object and its loader), [`btf`]
+//! (kernel struct offsets), [`cgroup`] (cgroup v2 directories).
+
+pub mod agent;
+pub mod btf;
+pub mod cgroup;
+pub mod doctor;
+pub mod ebpf;
+pub mod events;
+pub mod files;
+pub mod network;

@@ -1,0 +1,6 @@
+//! Host integration tests: agentd's real programs in the running kernel, as root.
+//! Run with `cargo xtask test --stage host` (one test at a time: they count the kernel's
+//! programs and cgroups).
+
+mod doctor;
+mod network;

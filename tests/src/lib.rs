@@ -1,0 +1,244 @@
+//! Harness for agentd's integration tests.
+//!
+//! Tests run against the real kernel: they create cgroups of their own (always below a
+//! directory named `agentd-test-<pid>-...` that they created), load agentd's real programs,
+//! and run the `agentd-act` helper inside those cgroups to attempt operations the way an
+//! agent would. Everything a test creates is removed when its guard drops, also when the
+//! test fails.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write as _,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use agentd::{
+    btf::Btf,
+    cgroup::{self, Cgroup2Mount, CgroupDir},
+    ebpf::{AgentRoot, LoadConfig},
+};
+use serde_json::Value;
+
+/// Path of the `agentd-act` helper: `AGENTD_ACT` (set in the VM) or the one cargo built.
+#[macro_export]
+macro_rules! act_bin {
+    () => {
+        std::env::var_os("AGENTD_ACT")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_agentd-act")))
+    };
+}
+
+/// Fails the test at once, with the reason, unless it runs as root.
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test loads BPF programs and creates cgroups: run it as root"
+    );
+}
+
+/// The `agentd` binary under test: `AGENTD_BIN`, or target/<profile>/agentd next to the
+/// test executable.
+pub fn agentd_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AGENTD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/host-xxxx -> target/<profile>/agentd
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("agentd"));
+    match candidate {
+        Some(p) if p.is_file() => p,
+        _ => panic!(
+            "the agentd binary was not found next to {}; build it (cargo build -p agentd) or set AGENTD_BIN",
+            exe.display()
+        ),
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A cgroup tree of the test's own, used as the agent root.
+pub struct TestRoot {
+    // Dropped last: children are removed first (see Drop of the children's owners).
+    dir: CgroupDir,
+    mount: Cgroup2Mount,
+}
+
+impl TestRoot {
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        let mount = cgroup::cgroup2_mount().expect("cgroup2 is mounted");
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("agentd-test-{}-{tag}-{n}", std::process::id());
+        let dir =
+            CgroupDir::create(&mount.mount_point, &name).expect("create the test root cgroup");
+        Self { dir, mount }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn agent_root(&self) -> AgentRoot {
+        AgentRoot {
+            id: self.dir.id(),
+            level: cgroup::cgroup_level(&self.mount, self.dir.path())
+                .expect("level of the test root"),
+        }
+    }
+
+    /// An open handle on the root directory, to attach cgroup programs to.
+    pub fn open(&self) -> File {
+        File::open(self.dir.path()).expect("open the test root cgroup")
+    }
+
+    /// A child cgroup (an agent's cgroup).
+    pub fn child(&self, name: &str) -> CgroupDir {
+        CgroupDir::create(self.dir.path(), name).expect("create a child cgroup")
+    }
+
+    /// The load configuration for this root on the running kernel.
+    pub fn load_config(&self) -> LoadConfig {
+        let offsets = Btf::from_kernel()
+            .and_then(|b| b.kernel_offsets())
+            .expect("kernel offsets from BTF");
+        LoadConfig {
+            root: self.agent_root(),
+            offsets,
+        }
+    }
+}
+
+/// What `agentd-act` reported.
+#[derive(Debug, Clone)]
+pub struct Act {
+    pub json: Value,
+}
+
+impl Act {
+    pub fn ok(&self) -> bool {
+        self.json["ok"] == Value::Bool(true)
+    }
+
+    pub fn errno(&self) -> Option<i32> {
+        self.json["errno"].as_i64().map(|e| e as i32)
+    }
+
+    /// Asserts the operation failed with `errno`.
+    #[track_caller]
+    pub fn assert_errno(&self, errno: i32) {
+        assert_eq!(
+            self.errno(),
+            Some(errno),
+            "expected errno {errno}, agentd-act said {}",
+            self.json
+        );
+    }
+
+    #[track_caller]
+    pub fn assert_ok(&self) {
+        assert!(self.ok(), "expected success, agentd-act said {}", self.json);
+    }
+}
+
+/// Runs `agentd-act ARGS` inside `cgroup` (or where the test runs, with `None`), moved
+/// there before it execs, and returns its report.
+pub fn act_in(act: &Path, cgroup: Option<&CgroupDir>, args: &[&str]) -> Act {
+    try_act_in(act, cgroup, args).unwrap_or_else(|e| panic!("running {}: {e}", act.display()))
+}
+
+/// Like [`act_in`], but returns the error if the helper could not even be started (for
+/// example when exec itself is refused inside the cgroup).
+pub fn try_act_in(act: &Path, cgroup: Option<&CgroupDir>, args: &[&str]) -> std::io::Result<Act> {
+    let mut cmd = Command::new(act);
+    cmd.args(args);
+    let procs = cgroup.map(|c| {
+        OpenOptions::new()
+            .write(true)
+            .open(c.path().join("cgroup.procs"))
+            .expect("open cgroup.procs")
+    });
+    if let Some(procs) = &procs {
+        let fd = procs.as_raw_fd();
+        // SAFETY: between fork and exec only write(2) on an fd opened before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                // "0" moves the writing process itself.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = cmd.output()?;
+    drop(procs);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let json: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "agentd-act {args:?} printed no JSON ({e}); status {}, stdout {stdout:?}, stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Ok(Act { json })
+}
+
+/// Polls `f` every 10 ms until it is true or `timeout` passes; returns its last value.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("agentd-test-{}-{tag}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes a file below the directory and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.0.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("create parent dir");
+        }
+        let mut f = File::create(&p).expect("create file");
+        f.write_all(contents.as_bytes()).expect("write file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,56 @@
+//! Developer tasks for agentd. Run as `cargo xtask <task>`.
+//!
+//! - `setup`: install what the build and the tests need on a fresh machine (idempotent).
+//! - `build`: the eBPF object and the userspace binary, release.
+//! - `test`: unit tests, host integration tests (root), VM tests (BPF LSM kernels).
+//! - `vm`: boot a test kernel with the current binaries, for tests or an interactive look.
+
+mod build;
+mod setup;
+mod test;
+mod util;
+mod vm;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Developer tasks for agentd")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing to build and test agentd (Debian packages, nightly rust-src,
+    /// bpf-linker, VM kernels). Safe to run again: present pieces are reported and skipped.
+    Setup(setup::Options),
+    /// Build the eBPF object and the agentd binary (release); prints the binary's path.
+    Build(build::Options),
+    /// Run every test stage (unit, host, vm) and end with one `N passed, N failed` line.
+    ///
+    /// Examples:
+    ///   cargo xtask test                  # all stages
+    ///   cargo xtask test --stage host     # one stage
+    ///   cargo xtask test --stage vm --kernel 6.1
+    ///   cargo xtask test -- connect       # only tests whose name contains "connect"
+    #[command(verbatim_doc_comment)]
+    Test(test::Options),
+    /// Boot a VM test kernel with the agentd binaries and run the VM test suite in it.
+    Vm(vm::Options),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.task {
+        Task::Setup(opts) => setup::run(opts),
+        Task::Build(opts) => build::run(opts),
+        Task::Test(opts) => test::run(opts),
+        Task::Vm(opts) => vm::run(opts),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}

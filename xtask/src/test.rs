@@ -217,14 +217,15 @@ pub fn run(opts: Options) -> Result<()> {
     let mut results = Vec::new();
     for stage in &stages {
         println!("==> stage {stage:?}");
-        match stage {
-            Stage::Unit => results.push(unit(&opts)),
-            Stage::Host => results.push(host(&opts)),
-            Stage::Vm => results.extend(vm_stage(&opts)),
-        }
-        if let Some(r) = results.last() {
+        let new = match stage {
+            Stage::Unit => vec![unit(&opts)],
+            Stage::Host => vec![host(&opts)],
+            Stage::Vm => vm_stage(&opts),
+        };
+        for r in &new {
             println!("==> {}", r.summary());
         }
+        results.extend(new);
     }
     println!("\nSummary:");
     let mut total = Counts::default();

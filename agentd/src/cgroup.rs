@@ -129,8 +129,57 @@ impl CgroupDir {
         })
     }
 
+    /// Takes responsibility for an existing directory (agentd's agent root from an earlier
+    /// run, or one named in the configuration).
+    pub fn adopt(path: &Path) -> Result<Self> {
+        let meta = fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+        if !meta.is_dir() {
+            bail!("{} is not a cgroup directory", path.display());
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            id: meta.ino(),
+            owned: true,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Child cgroup directories (names).
+    pub fn children(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in
+            fs::read_dir(&self.path).with_context(|| format!("reading {}", self.path.display()))?
+        {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every process in this cgroup and the cgroups below it.
+    pub fn all_processes(&self) -> Result<Vec<u32>> {
+        fn walk(dir: &Path, out: &mut Vec<u32>) -> io::Result<()> {
+            if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+                out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+            }
+            for e in fs::read_dir(dir)? {
+                let e = e?;
+                if e.file_type()?.is_dir() {
+                    walk(&e.path(), out)?;
+                }
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        walk(&self.path, &mut out)
+            .with_context(|| format!("listing processes of {}", self.path.display()))?;
+        Ok(out)
     }
 
     pub fn id(&self) -> u64 {

@@ -155,6 +155,12 @@ impl EventReader {
     }
 }
 
+impl std::os::fd::AsRawFd for EventReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
 /// Records the programs dropped because the ring buffer was full, summed over CPUs.
 pub fn lost(ebpf: &Ebpf) -> Result<u64> {
     let map = ebpf

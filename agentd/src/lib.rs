@@ -15,9 +15,18 @@
 
 pub mod agent;
 pub mod btf;
+pub mod caps;
 pub mod cgroup;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod doctor;
 pub mod ebpf;
 pub mod events;
 pub mod files;
+pub mod launcher;
 pub mod network;
+pub mod policy;
+pub mod profile;
+pub mod protocol;
+pub mod seccomp;

@@ -1,22 +1,66 @@
 //! The `agentd` command.
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use agentd::{
+    client::{self, RunArgs},
+    config::Config,
+    policy::Adjustments,
+    profile,
+    protocol::EXIT_POLICY,
+};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "agentd",
     version,
-    about = "Contain AI agents with kernel-enforced policy"
+    about = "Contain AI agents with kernel-enforced policy",
+    long_about = "agentd contains AI agents: each runs in its own cgroup under a policy (egress allowlist, \
+                  file rules, seccomp, limits) that the kernel enforces. Start the daemon once (agentd daemon, \
+                  or the systemd service), then launch agents with agentd run."
 )]
 struct Cli {
+    /// Configuration file [default: $AGENTD_CONFIG, else /etc/agentd/agentd.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon in the foreground (as root; systemd starts it as agentd.service).
+    Daemon,
+    /// Start a program as a contained agent and wait for it.
+    ///
+    /// The agent gets its own cgroup, runs as an unprivileged user with no capabilities,
+    /// under a seccomp filter and its profile's policy. agentd run forwards SIGINT, SIGTERM
+    /// and SIGHUP to it and exits with its status (128+N when killed by signal N). Exit
+    /// status 2: the profile or a flag was refused and nothing was started; 125: agentd
+    /// itself failed; 126/127: the command could not be run / was not found.
+    ///
+    /// Examples:
+    ///   sudo agentd run -- python3 agent.py
+    ///   sudo agentd run --profile coding-agent --workdir ~/src/project -- claude
+    ///   sudo agentd run --profile ./my-profile.toml --allow-net 10.0.0.5:8080 -- ./bot
+    ///   sudo agentd run --audit --verbose -- ./new-agent     # report, deny nothing
+    #[command(verbatim_doc_comment)]
+    Run(Box<RunCmd>),
+    /// List running agents.
+    Ps {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an agent's effective policy, what enforces it, its counters and processes.
+    Inspect {
+        /// Agent name (see agentd ps).
+        agent: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what this host can enforce, found by loading real programs (needs root).
     ///
     /// Exits 0 when agentd can contain agents here, 1 when it cannot.
@@ -30,11 +74,183 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List, show and check policy profiles.
+    Profiles {
+        #[command(subcommand)]
+        command: ProfilesCmd,
+    },
+}
+
+#[derive(Args)]
+struct RunCmd {
+    /// Profile name (in the profiles directory) or path to a profile file [default: default]
+    #[arg(long, value_name = "NAME|PATH")]
+    profile: Option<String>,
+    /// Agent name [default: agent-<random>]
+    #[arg(long, value_name = "ID")]
+    name: Option<String>,
+    /// User to run as [default: $SUDO_UID's user, else agents.user]; root needs --user root
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Also allow connections to CIDR[:PORT[-PORT]][/tcp|/udp] (repeatable)
+    #[arg(long = "allow-net", value_name = "CIDR[:PORT]")]
+    allow_net: Vec<String>,
+    /// Also allow the DNS name NAME[:PORT] (repeatable)
+    #[arg(long = "allow-host", value_name = "NAME[:PORT]")]
+    allow_host: Vec<String>,
+    /// Also allow reading PATH (repeatable)
+    #[arg(long = "allow-read", value_name = "PATH")]
+    allow_read: Vec<PathBuf>,
+    /// Also allow reading and writing PATH (repeatable)
+    #[arg(long = "allow-write", value_name = "PATH")]
+    allow_write: Vec<PathBuf>,
+    /// Deny every access to PATH (repeatable)
+    #[arg(long = "deny-path", value_name = "PATH")]
+    deny_path: Vec<PathBuf>,
+    /// Report what would be denied and deny nothing
+    #[arg(long)]
+    audit: bool,
+    /// The agent's working directory, {workdir} in profiles [default: the current directory]
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Say what agentd did (agent name, pid, removed environment, exit)
+    #[arg(short, long)]
+    verbose: bool,
+    /// The command and its arguments
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ProfilesCmd {
+    /// List the profiles in the profiles directory.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a profile (by name or path).
+    Show {
+        #[arg(value_name = "NAME|PATH")]
+        profile: String,
+        /// Print the parsed profile as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check profile files; exit 2 if any is invalid.
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn load_config(explicit: Option<&std::path::Path>) -> Result<Config, i32> {
+    Config::load(explicit).map_err(|e| {
+        eprintln!("agentd: {e}");
+        EXIT_POLICY
+    })
+}
+
+fn profiles(config: &Config, cmd: ProfilesCmd) -> i32 {
+    match cmd {
+        ProfilesCmd::List { json } => {
+            let list = match profile::list(&config.profiles_dir) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("agentd: reading {}: {e}", config.profiles_dir.display());
+                    return 1;
+                }
+            };
+            let parsed: Vec<_> = list
+                .iter()
+                .map(|(n, p)| (n, p, profile::load_file(p)))
+                .collect();
+            if json {
+                let v: Vec<_> = parsed
+                    .iter()
+                    .map(|(n, p, r)| match r {
+                        Ok(pr) => serde_json::json!({"name": n, "path": p, "version": pr.version.to_string(), "mode": pr.mode, "description": pr.description}),
+                        Err(e) => serde_json::json!({"name": n, "path": p, "error": e.to_string()}),
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("serializable")
+                );
+                return 0;
+            }
+            println!("{:<20} {:<10} {:<8} DESCRIPTION", "NAME", "VERSION", "MODE");
+            for (n, _, r) in parsed {
+                match r {
+                    Ok(p) => println!(
+                        "{:<20} {:<10} {:<8} {}",
+                        n,
+                        p.version,
+                        format!("{:?}", p.mode).to_lowercase(),
+                        p.description
+                    ),
+                    Err(e) => println!("{n:<20} INVALID    {e}"),
+                }
+            }
+            0
+        }
+        ProfilesCmd::Show {
+            profile: spec,
+            json,
+        } => {
+            let path = if profile::is_path(&spec) {
+                PathBuf::from(&spec)
+            } else {
+                config.profiles_dir.join(format!("{spec}.toml"))
+            };
+            let parsed = if profile::is_path(&spec) {
+                profile::load_file(&path)
+            } else {
+                profile::load_named(&config.profiles_dir, &spec)
+            };
+            match parsed {
+                Ok(p) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&p).expect("serializable")
+                    );
+                    0
+                }
+                Ok(_) => {
+                    println!("# {}", path.display());
+                    print!("{}", std::fs::read_to_string(&path).unwrap_or_default());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("agentd: {e}");
+                    EXIT_POLICY
+                }
+            }
+        }
+        ProfilesCmd::Check { files } => {
+            let mut status = 0;
+            for f in files {
+                match profile::load_file(&f) {
+                    Ok(p) => println!(
+                        "{}: ok: profile {} {} ({:?})",
+                        f.display(),
+                        p.name,
+                        p.version,
+                        p.mode
+                    ),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        status = EXIT_POLICY;
+                    }
+                }
+            }
+            status
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let code = match cli.command {
         Command::Doctor { json } => {
             let report = agentd::doctor::run();
             if json {
@@ -45,11 +261,53 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", agentd::doctor::render(&report));
             }
-            if report.usable {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            if report.usable { 0 } else { 1 }
         }
-    }
+        Command::Daemon => match load_config(cli.config.as_deref()) {
+            Err(code) => code,
+            Ok(config) => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                match rt.block_on(agentd::daemon::run(config)) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("agentd daemon: {e:#}");
+                        1
+                    }
+                }
+            }
+        },
+        Command::Run(r) => match load_config(cli.config.as_deref()) {
+            Err(code) => code,
+            Ok(config) => client::run(
+                &config,
+                RunArgs {
+                    profile: r.profile,
+                    name: r.name,
+                    user: r.user,
+                    workdir: r.workdir,
+                    adjustments: Adjustments {
+                        allow_net: r.allow_net,
+                        allow_host: r.allow_host,
+                        allow_read: r.allow_read,
+                        allow_write: r.allow_write,
+                        deny_path: r.deny_path,
+                        audit: r.audit,
+                    },
+                    verbose: r.verbose,
+                    argv: r.command,
+                },
+            ),
+        },
+        Command::Ps { json } => load_config(cli.config.as_deref())
+            .map_or_else(|c| c, |config| client::ps(&config, json)),
+        Command::Inspect { agent, json } => load_config(cli.config.as_deref())
+            .map_or_else(|c| c, |config| client::inspect(&config, &agent, json)),
+        Command::Profiles { command } => load_config(cli.config.as_deref())
+            .map_or_else(|c| c, |config| profiles(&config, command)),
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -242,3 +242,184 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A daemon of the test's own: its own config, sockets, profiles directory, agent root
+/// cgroup and tmp directory. Stopped (SIGTERM, then SIGKILL) and cleaned up on drop; its
+/// log is printed if the test failed.
+pub struct TestDaemon {
+    child: std::process::Child,
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub launch_socket: PathBuf,
+}
+
+impl TestDaemon {
+    /// Starts a daemon whose profiles directory holds `profiles` (name, TOML text).
+    pub fn start(profiles: &[(&str, &str)]) -> Self {
+        require_root();
+        let dir = TempDir::new("daemon");
+        let mount = cgroup::cgroup2_mount().expect("cgroup2 is mounted");
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let root = mount
+            .mount_point
+            .join(format!("agentd-test-{}-daemon-{n}", std::process::id()));
+        let profiles_dir = dir.path().join("profiles");
+        std::fs::create_dir_all(&profiles_dir).unwrap();
+        for (name, text) in profiles {
+            std::fs::write(profiles_dir.join(format!("{name}.toml")), text).unwrap();
+        }
+        let socket = dir.path().join("agentd.sock");
+        let launch_socket = dir.path().join("launch.sock");
+        let config = dir.path().join("agentd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nsocket = \"{}\"\nlaunch_socket = \"{}\"\nadmin_group = \"root\"\ncgroup_root = \"{}\"\n\
+                 [agents]\nprofiles_dir = \"{}\"\ndefault_profile = \"default\"\nuser = \"nobody\"\ntmp_dir = \"{}\"\n",
+                socket.display(),
+                launch_socket.display(),
+                root.display(),
+                profiles_dir.display(),
+                dir.path().join("tmp").display()
+            ),
+        )
+        .unwrap();
+        // Readable by agents (they run as nobody) that call agentd themselves.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let log = File::create(dir.path().join("daemon.log")).unwrap();
+        let mut cmd = Command::new(agentd_bin());
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("daemon")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // If the test process dies without dropping this guard (killed by a timeout), the
+        // daemon still gets SIGTERM and removes its agents and cgroups.
+        // SAFETY: prctl between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start agentd daemon");
+        let mut d = TestDaemon {
+            child,
+            dir,
+            config,
+            root,
+            socket,
+            launch_socket,
+        };
+        let ready = wait_until(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
+                || !matches!(d.child.try_wait(), Ok(None))
+        });
+        assert!(
+            ready && matches!(d.child.try_wait(), Ok(None)),
+            "the daemon did not start; its log:\n{}",
+            d.log()
+        );
+        d
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// `agentd --config <this daemon's config>`.
+    pub fn agentd(&self) -> Command {
+        let mut c = Command::new(agentd_bin());
+        c.arg("--config").arg(&self.config);
+        c
+    }
+
+    /// `agentd run ARGS` to completion.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.agentd()
+            .arg("run")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run agentd run")
+    }
+
+    /// Agent cgroups currently below the root.
+    pub fn agent_cgroups(&self) -> Vec<String> {
+        std::fs::read_dir(&self.root)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The cgroup path an agent's processes report in /proc/PID/cgroup.
+    pub fn agent_cgroup_path(&self, agent: &str) -> String {
+        let mount = cgroup::cgroup2_mount().unwrap();
+        format!(
+            "/{}/{agent}",
+            self.root
+                .strip_prefix(&mount.mount_point)
+                .unwrap()
+                .display()
+        )
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let stopped = wait_until(Duration::from_secs(15), || {
+            !matches!(self.child.try_wait(), Ok(None))
+        });
+        if !stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- agentd daemon log ----\n{}---- end of log ----",
+                self.log()
+            );
+        }
+        if self.root.exists()
+            && let Ok(dir) = CgroupDir::adopt(&self.root)
+        {
+            let _ = dir.remove();
+        }
+    }
+}
+
+/// The last line of a command's stdout, as JSON.
+pub fn last_json(out: &std::process::Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "expected JSON on stdout ({e}); status {}, stdout {stdout:?}, stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// True once /proc/PID is gone or a zombie.
+pub fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(true),
+    }
+}

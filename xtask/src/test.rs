@@ -133,16 +133,10 @@ fn filter_args(filter: &Option<String>) -> Vec<String> {
 fn unit(opts: &Options) -> StageResult {
     let timer = Timer::start();
     let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "-p",
-        "agentd",
-        "-p",
-        "agentd-common",
-        "-p",
-        "xtask",
-        "--",
-    ]);
+    // Every cargo command of the test stages selects the workspace's default members, so
+    // features resolve the same way and agentd's build script (which builds the eBPF
+    // object) runs once.
+    cmd.args(["test", "--lib", "--bins", "--"]);
     cmd.args(filter_args(&opts.filter));
     finish("unit", timer, run_counting(&mut cmd, ""))
 }
@@ -161,7 +155,7 @@ fn host(opts: &Options) -> StageResult {
     }
     let built = Command::new("cargo")
         .current_dir(workspace_root())
-        .args(["build", "-p", "agentd", "-p", "agentd-tests", "--bins"])
+        .args(["build", "--bins"])
         .status();
     if !matches!(built, Ok(s) if s.success()) {
         return finish(
@@ -173,15 +167,7 @@ fn host(opts: &Options) -> StageResult {
     let mut cmd = cargo();
     cmd.env("AGENTD_BIN", workspace_root().join("target/debug/agentd"));
     // One test at a time: tests count the kernel's programs and cgroups.
-    cmd.args([
-        "test",
-        "-p",
-        "agentd-tests",
-        "--test",
-        "host",
-        "--",
-        "--test-threads=1",
-    ]);
+    cmd.args(["test", "--test", "host", "--", "--test-threads=1"]);
     cmd.args(filter_args(&opts.filter));
     finish("host", timer, run_counting(&mut cmd, ""))
 }

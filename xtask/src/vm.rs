@@ -74,18 +74,13 @@ fn kernel_dir(series: &str) -> Result<PathBuf> {
 /// The test executable cargo builds for `--test vm`.
 fn build_vm_tests() -> Result<PathBuf> {
     let root = workspace_root();
-    run_inherit(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "-p",
-        "agentd",
-        "-p",
-        "agentd-tests",
-        "--bins",
-    ]))?;
+    run_inherit(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--bins"]),
+    )?;
     let out = run_capture(Command::new("cargo").current_dir(&root).args([
         "test",
-        "-p",
-        "agentd-tests",
         "--test",
         "vm",
         "--no-run",

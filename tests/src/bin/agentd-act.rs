@@ -1,36 +1,391 @@
-//! agentd-act: performs one operation the way an agent would and reports the outcome as
-//! one JSON line on stdout: `{"op":..,"ok":true}` or `{"op":..,"ok":false,"errno":N,
-//! "error":".."}`. Exit status 0 when the operation was attempted, 2 on bad usage.
+//! agentd-act: performs operations the way an agent would and reports the outcome as one
+//! JSON line on stdout. Exit status 0 when the operation was attempted, 2 on bad usage.
 //!
 //! Operations:
 //!   connect ADDR:PORT        TCP connect, then send "agentd-act"
 //!   open PATH read|write     open(2) the file for reading or writing
-//!   cgroup                   print the process's cgroup v2 path
+//!   cgroup                   the process's cgroup v2 path
+//!   ids                      uid, gid, groups, capability sets, no_new_privs, seccomp mode
+//!   syscalls                 each dangerous system call, natively, with harmless arguments
+//!   syscalls32               the same through `int 0x80` (the i386 entry point)
+//!   tree                     fork, double fork and setsid; report each process's cgroup,
+//!                            then wait (until killed) so they can be inspected
+//!   env                      the environment
+//!   fds                      open file descriptors
+//!   sleep SECS               sleep
+//!   exit CODE                exit with CODE
 
 use std::{
+    collections::BTreeMap,
     fs::OpenOptions,
-    io::{Error, Write as _},
+    io::{Error, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     time::Duration,
 };
 
-fn report(op: &str, result: Result<String, Error>) {
-    match result {
-        Ok(detail) => println!(
-            "{{\"op\":\"{op}\",\"ok\":true,\"detail\":{}}}",
-            serde_json::Value::String(detail)
-        ),
-        Err(e) => println!(
-            "{{\"op\":\"{op}\",\"ok\":false,\"errno\":{},\"error\":{}}}",
-            e.raw_os_error().unwrap_or(-1),
-            serde_json::Value::String(e.to_string())
-        ),
-    }
+use serde_json::{Value, json};
+
+fn report(op: &str, result: Result<Value, Error>) {
+    let v = match result {
+        Ok(detail) => json!({"op": op, "ok": true, "detail": detail}),
+        Err(e) => {
+            json!({"op": op, "ok": false, "errno": e.raw_os_error().unwrap_or(-1), "error": e.to_string()})
+        }
+    };
+    println!("{v}");
+    let _ = std::io::stdout().flush();
 }
 
 fn usage() -> ! {
-    eprintln!("usage: agentd-act connect ADDR:PORT | open PATH read|write | cgroup");
+    eprintln!(
+        "usage: agentd-act connect ADDR:PORT | open PATH read|write | cgroup | ids | syscalls | syscalls32 | tree | env | fds | sleep SECS | exit CODE"
+    );
     std::process::exit(2);
+}
+
+fn cgroup() -> String {
+    std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+fn status_field(name: &str) -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        })
+        .unwrap_or_default()
+}
+
+/// A dangerous call: name, x86-64 number, i386 number (0: none), arguments chosen so that
+/// without a filter the call fails harmlessly with something other than EPERM (or, for
+/// the namespace and time calls, succeeds without effect).
+struct Call {
+    name: &'static str,
+    nr64: i64,
+    nr32: u32,
+    args: [u64; 6],
+}
+
+const NONE: u64 = 0;
+const MINUS1: u64 = u64::MAX;
+
+fn calls() -> Vec<Call> {
+    use libc::*;
+    let c = |name, nr64, nr32, args| Call {
+        name,
+        nr64,
+        nr32,
+        args,
+    };
+    vec![
+        c("ptrace", SYS_ptrace, 26, [3, 0, 0, 0, 0, 0]),
+        c(
+            "process_vm_readv",
+            SYS_process_vm_readv,
+            347,
+            [0, 0, 0, 0, 0, 1],
+        ),
+        c(
+            "process_vm_writev",
+            SYS_process_vm_writev,
+            348,
+            [0, 0, 0, 0, 0, 1],
+        ),
+        c("bpf", SYS_bpf, 357, [9999, 0, 0, 0, 0, 0]),
+        c(
+            "perf_event_open",
+            SYS_perf_event_open,
+            336,
+            [0, 0, MINUS1, MINUS1, 0, 0],
+        ),
+        c("userfaultfd", SYS_userfaultfd, 374, [0xffff, 0, 0, 0, 0, 0]),
+        c(
+            "io_uring_setup",
+            SYS_io_uring_setup,
+            425,
+            [0, 0, 0, 0, 0, 0],
+        ),
+        c(
+            "io_uring_enter",
+            SYS_io_uring_enter,
+            426,
+            [MINUS1, 0, 0, 0, 0, 0],
+        ),
+        c(
+            "io_uring_register",
+            SYS_io_uring_register,
+            427,
+            [MINUS1, 0, 0, 0, 0, 0],
+        ),
+        c("mount", SYS_mount, 21, [0, 0, 0, 0, 0, 0]),
+        c("umount2", SYS_umount2, 52, [0, 0xffff_0000, 0, 0, 0, 0]),
+        c("pivot_root", SYS_pivot_root, 217, [0, 0, 0, 0, 0, 0]),
+        c("fsopen", SYS_fsopen, 430, [0, 0xff, 0, 0, 0, 0]),
+        c("fsmount", SYS_fsmount, 432, [MINUS1, 0xff, 0, 0, 0, 0]),
+        c(
+            "move_mount",
+            SYS_move_mount,
+            429,
+            [MINUS1, 0, MINUS1, 0, 0xffff, 0],
+        ),
+        c(
+            "unshare(CLONE_NEWUSER)",
+            SYS_unshare,
+            310,
+            [CLONE_NEWUSER as u64, 0, 0, 0, 0, 0],
+        ),
+        c(
+            "unshare(CLONE_NEWNET)",
+            SYS_unshare,
+            310,
+            [CLONE_NEWNET as u64, 0, 0, 0, 0, 0],
+        ),
+        c(
+            "unshare(CLONE_NEWNS)",
+            SYS_unshare,
+            310,
+            [CLONE_NEWNS as u64, 0, 0, 0, 0, 0],
+        ),
+        c("setns", SYS_setns, 346, [MINUS1, 0, 0, 0, 0, 0]),
+        c("keyctl", SYS_keyctl, 288, [9999, 0, 0, 0, 0, 0]),
+        c("add_key", SYS_add_key, 286, [0, 0, 0, 0, 0, 0]),
+        c("request_key", SYS_request_key, 287, [0, 0, 0, 0, 0, 0]),
+        c(
+            "kexec_load",
+            SYS_kexec_load,
+            283,
+            [0, 0, 0, 0xffff_0000, 0, 0],
+        ),
+        c(
+            "kexec_file_load",
+            SYS_kexec_file_load,
+            0,
+            [MINUS1, MINUS1, 0, 0, 0xffff, 0],
+        ),
+        c("init_module", SYS_init_module, 128, [0, 0, 0, 0, 0, 0]),
+        c(
+            "finit_module",
+            SYS_finit_module,
+            350,
+            [MINUS1, 0, 0xffff, 0, 0, 0],
+        ),
+        c("delete_module", SYS_delete_module, 129, [0, 0, 0, 0, 0, 0]),
+        c("iopl", SYS_iopl, 110, [4, 0, 0, 0, 0, 0]),
+        c("ioperm", SYS_ioperm, 101, [0xffff_ffff, 1, 1, 0, 0, 0]),
+        c(
+            "open_by_handle_at",
+            SYS_open_by_handle_at,
+            342,
+            [MINUS1, 0, 0, 0, 0, 0],
+        ),
+        c("swapon", SYS_swapon, 87, [0, 0, 0, 0, 0, 0]),
+        c("swapoff", SYS_swapoff, 115, [0, 0, 0, 0, 0, 0]),
+        c("reboot", SYS_reboot, 88, [0, 0, 0, 0, 0, 0]),
+        c(
+            "clock_settime",
+            SYS_clock_settime,
+            264,
+            [9999, 0, 0, 0, 0, 0],
+        ),
+        c("settimeofday", SYS_settimeofday, 79, [0, 0, 0, 0, 0, 0]),
+        c("adjtimex", SYS_adjtimex, 124, [0, 0, 0, 0, 0, 0]),
+        c("acct", SYS_acct, 51, [1, 0, 0, 0, 0, 0]),
+        c("quotactl", SYS_quotactl, 131, [0, 0, 0, 0, 0, 0]),
+        c(
+            "clone(CLONE_NEWUSER)",
+            SYS_clone,
+            120,
+            [(CLONE_NEWUSER | SIGCHLD) as u64, 0, 0, 0, 0, 0],
+        ),
+        c(
+            "clone(CLONE_NEWPID)",
+            SYS_clone,
+            120,
+            [(CLONE_NEWPID | SIGCHLD) as u64, 0, 0, 0, 0, 0],
+        ),
+        c("clone3", SYS_clone3, 435, [0, 0, 0, 0, 0, 0]),
+        c(
+            "unshare(CLONE_FILES)",
+            SYS_unshare,
+            310,
+            [CLONE_FILES as u64, 0, 0, 0, 0, 0],
+        ),
+        c("getpid", SYS_getpid, 20, [0; 6]),
+    ]
+    .into_iter()
+    .map(|mut c| {
+        let _ = NONE;
+        if c.nr32 == 0 {
+            c.nr32 = u32::MAX;
+        }
+        c
+    })
+    .collect()
+}
+
+/// After a clone that succeeded, the child leaves at once.
+fn leave_if_child(name: &str, ret: i64) {
+    if name.starts_with("clone(") && ret == 0 {
+        // SAFETY: exit the forked child without running anything of the parent's.
+        unsafe { libc::syscall(libc::SYS_exit_group, 0) };
+    }
+    if name.starts_with("clone(") && ret > 0 {
+        let mut status = 0;
+        // SAFETY: reap the child we just created.
+        unsafe { libc::waitpid(ret as i32, &mut status, libc::__WALL) };
+    }
+}
+
+fn native(c: &Call) -> i64 {
+    let a = c.args;
+    // SAFETY: every call gets arguments that make it fail or do nothing (see calls()).
+    let r = unsafe { libc::syscall(c.nr64, a[0], a[1], a[2], a[3], a[4], a[5]) };
+    let ret = if r < 0 {
+        -(Error::last_os_error().raw_os_error().unwrap_or(0) as i64)
+    } else {
+        r
+    };
+    leave_if_child(c.name, ret);
+    ret
+}
+
+/// A system call through the i386 entry point; returns the raw result (-errno on error).
+fn int80(c: &Call) -> i64 {
+    let a: Vec<u32> = c.args.iter().map(|x| *x as u32).collect();
+    let mut eax = c.nr32 as u64;
+    // SAFETY: as for native(); rbx and rbp are saved and restored around the trap.
+    unsafe {
+        core::arch::asm!(
+            "push rbx",
+            "push rbp",
+            "mov ebx, {a0:e}",
+            "mov ebp, {a5:e}",
+            "int 0x80",
+            "pop rbp",
+            "pop rbx",
+            a0 = in(reg) a[0],
+            a5 = in(reg) a[5],
+            inout("rax") eax,
+            in("rcx") a[1] as u64,
+            in("rdx") a[2] as u64,
+            in("rsi") a[3] as u64,
+            in("rdi") a[4] as u64,
+        );
+    }
+    let ret = eax as u32 as i32 as i64;
+    leave_if_child(c.name, ret);
+    ret
+}
+
+/// Runs `f` in a forked child, so that a call that succeeds (a new namespace) cannot
+/// change what the next calls see; returns its result.
+fn isolated(f: impl FnOnce() -> i64) -> i64 {
+    let mut fds = [0; 2];
+    // SAFETY: pipe, fork, write, _exit and waitpid in a single-threaded program.
+    unsafe {
+        if libc::pipe(fds.as_mut_ptr()) != 0 {
+            return -(Error::last_os_error().raw_os_error().unwrap_or(0) as i64);
+        }
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::close(fds[0]);
+            let r = f();
+            libc::write(fds[1], (&r as *const i64).cast(), 8);
+            libc::_exit(0);
+        }
+        libc::close(fds[1]);
+        let mut r: i64 = i64::MIN;
+        libc::read(fds[0], (&mut r as *mut i64).cast(), 8);
+        libc::close(fds[0]);
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        r
+    }
+}
+
+fn syscalls(via_int80: bool) -> Value {
+    let mut out = BTreeMap::new();
+    for c in calls() {
+        if via_int80 && c.nr32 == u32::MAX {
+            continue;
+        }
+        let r = if via_int80 {
+            isolated(|| int80(&c))
+        } else {
+            isolated(|| native(&c))
+        };
+        out.insert(
+            c.name.to_string(),
+            if r < 0 {
+                json!({"errno": -r})
+            } else {
+                json!({"ok": r})
+            },
+        );
+    }
+    json!(out)
+}
+
+fn tree() -> Result<Value, Error> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills two descriptors.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(Error::last_os_error());
+    }
+    let (rd, wr) = (fds[0], fds[1]);
+    // Each child reports "pid cgroup", closes every descriptor but 0-2 (so the parent
+    // sees end-of-file once all have reported) and waits for a signal.
+    let child = move || -> ! {
+        let line = format!("{} {}\n", std::process::id(), cgroup());
+        // SAFETY: write, close_range and pause in a forked child of this single-threaded program.
+        unsafe {
+            libc::write(wr, line.as_ptr().cast(), line.len());
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            loop {
+                libc::pause();
+            }
+        }
+    };
+    // SAFETY: fork in a single-threaded program.
+    unsafe {
+        // A plain child.
+        if libc::fork() == 0 {
+            child();
+        }
+        // A double fork: the grandchild is orphaned.
+        if libc::fork() == 0 {
+            if libc::fork() == 0 {
+                child();
+            }
+            libc::_exit(0);
+        }
+        // A new session.
+        if libc::fork() == 0 {
+            libc::setsid();
+            child();
+        }
+        libc::close(wr);
+    }
+    let mut text = String::new();
+    // SAFETY: rd is our pipe's read end; File takes ownership.
+    let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(rd) };
+    file.read_to_string(&mut text)?;
+    let procs: BTreeMap<String, String> = text
+        .lines()
+        .filter_map(|l| {
+            l.split_once(' ')
+                .map(|(p, c)| (p.to_string(), c.to_string()))
+        })
+        .collect();
+    Ok(json!({"self": {"pid": std::process::id(), "cgroup": cgroup()}, "children": procs}))
 }
 
 fn main() {
@@ -41,7 +396,7 @@ fn main() {
             let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
             let r = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).and_then(|mut s| {
                 s.write_all(b"agentd-act")?;
-                Ok(format!("connected to {addr}"))
+                Ok(json!(format!("connected to {addr}")))
             });
             report("connect", r);
         }
@@ -54,18 +409,59 @@ fn main() {
             };
             report(
                 "open",
-                o.open(path).map(|_| format!("opened {path} for {mode}")),
+                o.open(path)
+                    .map(|_| json!(format!("opened {path} for {mode}"))),
             );
         }
-        ["cgroup"] => {
-            let r = std::fs::read_to_string("/proc/self/cgroup").map(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("0::"))
-                    .unwrap_or_default()
-                    .to_string()
-            });
-            report("cgroup", r);
+        ["cgroup"] => report("cgroup", Ok(json!(cgroup()))),
+        ["ids"] => {
+            // SAFETY: plain getters.
+            let (uid, euid, gid) = unsafe { (libc::getuid(), libc::geteuid(), libc::getgid()) };
+            let sid = unsafe { libc::getsid(0) };
+            report(
+                "ids",
+                Ok(json!({
+                    "uid": uid, "euid": euid, "gid": gid,
+                    "groups": status_field("Groups:"),
+                    "cap_eff": status_field("CapEff:"), "cap_prm": status_field("CapPrm:"),
+                    "cap_inh": status_field("CapInh:"), "cap_bnd": status_field("CapBnd:"),
+                    "cap_amb": status_field("CapAmb:"),
+                    "no_new_privs": status_field("NoNewPrivs:"), "seccomp": status_field("Seccomp:"),
+                    "session_leader": sid == std::process::id() as i32,
+                    "cgroup": cgroup(),
+                })),
+            );
         }
+        ["syscalls"] => report("syscalls", Ok(syscalls(false))),
+        ["syscalls32"] => report("syscalls32", Ok(syscalls(true))),
+        ["tree"] => {
+            report("tree", tree());
+            loop {
+                // SAFETY: waits for a signal.
+                unsafe { libc::pause() };
+            }
+        }
+        ["env"] => report(
+            "env",
+            Ok(json!(
+                std::env::vars().collect::<BTreeMap<String, String>>()
+            )),
+        ),
+        ["fds"] => {
+            let fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+                .map(|d| {
+                    d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            report("fds", Ok(json!(fds)));
+        }
+        ["sleep", secs] => {
+            let s: u64 = secs.parse().unwrap_or_else(|_| usage());
+            report("sleep", Ok(json!(format!("sleeping {s} s"))));
+            std::thread::sleep(Duration::from_secs(s));
+        }
+        ["exit", code] => std::process::exit(code.parse().unwrap_or_else(|_| usage())),
         _ => usage(),
     }
 }

@@ -1,0 +1,354 @@
+//! The client side of the `agentd` commands that talk to the daemon: `run`, `ps`,
+//! `inspect`.
+
+use std::{
+    io::{BufReader, IoSlice, Write as _},
+    os::{fd::AsRawFd as _, unix::net::UnixStream},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+
+use crate::{
+    config::Config,
+    policy::Adjustments,
+    profile,
+    protocol::{
+        AgentInfo, EXIT_AGENTD, EXIT_POLICY, ProfileSpec, Reply, Request, RunControl, RunRequest,
+    },
+};
+
+/// Options of `agentd run`.
+#[derive(Debug, Clone, Default)]
+pub struct RunArgs {
+    pub profile: Option<String>,
+    pub name: Option<String>,
+    pub user: Option<String>,
+    pub workdir: Option<PathBuf>,
+    pub adjustments: Adjustments,
+    pub verbose: bool,
+    pub argv: Vec<String>,
+}
+
+/// The socket this process should talk to: inside an agent, the launch socket it was
+/// given; elsewhere the control socket.
+pub fn socket_path(config: &Config) -> PathBuf {
+    if std::env::var_os("AGENTD_AGENT").is_some() {
+        if let Some(p) = std::env::var_os("AGENTD_LAUNCH_SOCKET") {
+            return PathBuf::from(p);
+        }
+        return config.launch_socket.clone();
+    }
+    config.socket.clone()
+}
+
+fn connect(path: &Path) -> Result<UnixStream, i32> {
+    UnixStream::connect(path).map_err(|e| {
+        eprintln!(
+            "agentd: cannot reach the agentd daemon at {} ({e}); start it with `systemctl start agentd` or `sudo agentd daemon`",
+            path.display()
+        );
+        EXIT_AGENTD
+    })
+}
+
+fn absolute(cwd: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        cwd.join(p)
+    }
+}
+
+/// Sends one request line, with `fds` attached.
+fn send_request(stream: &UnixStream, request: &Request, fds: &[i32]) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(request).expect("serializable");
+    line.push(b'\n');
+    let mut sent = 0;
+    while sent < line.len() {
+        let iov = [IoSlice::new(&line[sent..])];
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if sent == 0 && !fds.is_empty() {
+            &cmsg
+        } else {
+            &[]
+        };
+        sent += sendmsg::<()>(stream.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
+            .map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+fn read_reply(reader: &mut impl std::io::BufRead) -> Option<Reply> {
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => serde_json::from_str(&line).ok(),
+    }
+}
+
+/// Blocks the signals `run` forwards, in this thread and every thread it starts.
+fn forwarded_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal::*};
+    let mut set = SigSet::empty();
+    for s in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH] {
+        set.add(s);
+    }
+    set
+}
+
+/// `agentd run`: returns the exit status to use.
+pub fn run(config: &Config, args: RunArgs) -> i32 {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let profile = match &args.profile {
+        None => ProfileSpec::Default,
+        Some(p) if profile::is_path(p) => {
+            let path = absolute(&cwd, Path::new(p));
+            match std::fs::read_to_string(&path) {
+                Ok(text) => ProfileSpec::Inline {
+                    source: path.display().to_string(),
+                    text,
+                },
+                Err(e) => {
+                    eprintln!("agentd run: --profile {}: cannot read: {e}", path.display());
+                    return EXIT_POLICY;
+                }
+            }
+        }
+        Some(name) => ProfileSpec::Named(name.clone()),
+    };
+    let mut adjustments = args.adjustments.clone();
+    for list in [
+        &mut adjustments.allow_read,
+        &mut adjustments.allow_write,
+        &mut adjustments.deny_path,
+    ] {
+        for p in list.iter_mut() {
+            *p = absolute(&cwd, p);
+        }
+    }
+    let env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    let request = Request::Run(Box::new(RunRequest {
+        argv: args.argv.clone(),
+        env,
+        cwd: cwd.clone(),
+        profile,
+        name: args.name.clone(),
+        user: args.user.clone(),
+        sudo_uid: std::env::var("SUDO_UID").ok().and_then(|s| s.parse().ok()),
+        workdir: args.workdir.as_ref().map(|w| absolute(&cwd, w)),
+        adjustments,
+    }));
+
+    let path = socket_path(config);
+    let stream = match connect(&path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    // Block the forwarded signals before any other thread exists, so that only the
+    // forwarding thread receives them.
+    let signals = forwarded_signals();
+    let _ = signals.thread_block();
+    if let Err(e) = send_request(&stream, &request, &[0, 1, 2]) {
+        eprintln!("agentd run: sending the request to {}: {e}", path.display());
+        return EXIT_AGENTD;
+    }
+    let mut reader = BufReader::new(stream.try_clone().expect("clone the socket"));
+    let mut forward = stream.try_clone().expect("clone the socket");
+    std::thread::spawn(move || {
+        while let Ok(sig) = signals.wait() {
+            let mut line = serde_json::to_vec(&RunControl::Signal { signal: sig as i32 })
+                .expect("serializable");
+            line.push(b'\n');
+            if forward.write_all(&line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut started: Option<AgentInfo> = None;
+    loop {
+        match read_reply(&mut reader) {
+            Some(Reply::Started { agent, removed_env }) => {
+                if args.verbose {
+                    eprintln!(
+                        "agentd: agent {} started: pid {}, user {}, profile {} {} ({}), cgroup {}",
+                        agent.name,
+                        agent.pid,
+                        agent.user,
+                        agent.profile,
+                        agent.version,
+                        agent.mode,
+                        agent.cgroup.display()
+                    );
+                    if !removed_env.is_empty() {
+                        eprintln!(
+                            "agentd: removed from its environment: {}",
+                            removed_env.join(" ")
+                        );
+                    }
+                }
+                started = Some(*agent);
+            }
+            Some(Reply::Exited { status, signal }) => {
+                if args.verbose {
+                    let name = started.as_ref().map_or("?", |a| a.name.as_str());
+                    match signal {
+                        Some(s) => eprintln!(
+                            "agentd: agent {name} was killed by signal {s} (status {status})"
+                        ),
+                        None => eprintln!("agentd: agent {name} exited with status {status}"),
+                    }
+                }
+                return status;
+            }
+            Some(Reply::Error { message, exit_code }) => {
+                eprintln!("agentd run: {message}");
+                return exit_code;
+            }
+            Some(_) => {}
+            None => {
+                eprintln!(
+                    "agentd run: the daemon closed the connection{}",
+                    if started.is_some() {
+                        " while the agent was running"
+                    } else {
+                        ""
+                    }
+                );
+                return EXIT_AGENTD;
+            }
+        }
+    }
+}
+
+/// Sends a request and reads one reply; prints errors. `Err` carries the exit status.
+fn call(config: &Config, request: &Request) -> Result<Reply, i32> {
+    let path = socket_path(config);
+    let stream = connect(&path)?;
+    send_request(&stream, request, &[]).map_err(|e| {
+        eprintln!("agentd: sending the request to {}: {e}", path.display());
+        EXIT_AGENTD
+    })?;
+    let mut reader = BufReader::new(stream);
+    match read_reply(&mut reader) {
+        Some(Reply::Error { message, exit_code }) => {
+            eprintln!("agentd: {message}");
+            Err(exit_code)
+        }
+        Some(r) => Ok(r),
+        None => {
+            eprintln!("agentd: the daemon closed the connection without answering");
+            Err(EXIT_AGENTD)
+        }
+    }
+}
+
+fn uptime(started: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let s = now.saturating_sub(started);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// `agentd ps`.
+pub fn ps(config: &Config, json: bool) -> i32 {
+    let agents = match call(config, &Request::Ps) {
+        Ok(Reply::Agents { agents }) => agents,
+        Ok(_) => return EXIT_AGENTD,
+        Err(code) => return code,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&agents).expect("serializable")
+        );
+        return 0;
+    }
+    if agents.is_empty() {
+        println!("no agents are running");
+        return 0;
+    }
+    println!(
+        "{:<24} {:>8} {:<12} {:<20} {:<8} {:>5} {:>8}  PARENT",
+        "NAME", "PID", "USER", "PROFILE", "MODE", "PROCS", "UPTIME"
+    );
+    for a in agents {
+        println!(
+            "{:<24} {:>8} {:<12} {:<20} {:<8} {:>5} {:>8}  {}",
+            a.name,
+            a.pid,
+            a.user,
+            format!("{} {}", a.profile, a.version),
+            a.mode,
+            a.processes,
+            uptime(a.started),
+            a.parent.as_deref().unwrap_or("-")
+        );
+    }
+    0
+}
+
+/// `agentd inspect AGENT`.
+pub fn inspect(config: &Config, name: &str, json: bool) -> i32 {
+    let reply = match call(
+        config,
+        &Request::Inspect {
+            agent: name.to_string(),
+        },
+    ) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let Reply::Inspect {
+        agent,
+        policy,
+        processes,
+        counters,
+    } = reply
+    else {
+        return EXIT_AGENTD;
+    };
+    if json {
+        let v = serde_json::json!({ "agent": agent, "policy": policy, "processes": processes, "counters": counters });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serializable")
+        );
+        return 0;
+    }
+    println!("agent     {} (cgroup id {})", agent.name, agent.id);
+    println!("cgroup    {}", agent.cgroup.display());
+    println!("user      {} (uid {})", agent.user, agent.uid);
+    println!(
+        "started   {} ago, first process {}",
+        uptime(agent.started),
+        agent.pid
+    );
+    println!("workdir   {}", agent.workdir.display());
+    println!("tmp       {}", agent.tmp.display());
+    if let Some(p) = &agent.parent {
+        println!("parent    {p}");
+    }
+    print!("{}", policy.describe());
+    for e in &agent.enforcement {
+        println!("enforced  {e}");
+    }
+    println!(
+        "counters  {} connects denied, {} file accesses denied, {} would-be denials (audit)",
+        counters.net_denied, counters.file_denied, counters.would_deny
+    );
+    println!("processes {}", processes.len());
+    for p in processes {
+        println!("          {:>8} {:<16} uid {}", p.pid, p.comm, p.uid);
+    }
+    0
+}

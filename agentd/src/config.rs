@@ -1,0 +1,253 @@
+//! The daemon's configuration: /etc/agentd/agentd.toml (or `--config`, or `AGENTD_CONFIG`).
+//!
+//! Every key is optional; the defaults are what a file with this content gives:
+//!
+//! ```toml
+//! [daemon]
+//! socket = "/run/agentd/agentd.sock"          # control socket: root and admin_group only
+//! launch_socket = "/run/agentd/launch.sock"   # launches from inside agents (narrowing only)
+//! admin_group = "agentd"                      # group allowed on the control socket
+//! cgroup_root = "auto"                        # where agent cgroups go; "auto": see below
+//!
+//! [agents]
+//! profiles_dir = "/etc/agentd/profiles"
+//! default_profile = "default"
+//! user = "agentd-agent"                       # account for agents when no --user/SUDO_UID
+//! tmp_dir = "/tmp/agentd"                     # per-agent private tmp directories go here
+//! ```
+//!
+//! `cgroup_root = "auto"` is `<cgroup2 mount>/agentd`, or, when the daemon runs as a
+//! systemd service with `Delegate=yes`, `agents/` inside the service's own cgroup.
+//! An unknown key is an error that names the file, line and key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::profile::{Locator, ProfileError, valid_name};
+
+pub const DEFAULT_PATH: &str = "/etc/agentd/agentd.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    /// The file it was read from, if any.
+    pub path: Option<PathBuf>,
+    pub socket: PathBuf,
+    pub launch_socket: PathBuf,
+    pub admin_group: String,
+    /// `None` for "auto".
+    pub cgroup_root: Option<PathBuf>,
+    pub profiles_dir: PathBuf,
+    pub default_profile: String,
+    pub agent_user: String,
+    pub tmp_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            path: None,
+            socket: "/run/agentd/agentd.sock".into(),
+            launch_socket: "/run/agentd/launch.sock".into(),
+            admin_group: "agentd".into(),
+            cgroup_root: None,
+            profiles_dir: "/etc/agentd/profiles".into(),
+            default_profile: "default".into(),
+            agent_user: "agentd-agent".into(),
+            tmp_dir: "/tmp/agentd".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    agents: RawAgents,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    socket: Option<Spanned<String>>,
+    launch_socket: Option<Spanned<String>>,
+    admin_group: Option<Spanned<String>>,
+    cgroup_root: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAgents {
+    profiles_dir: Option<Spanned<String>>,
+    default_profile: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    tmp_dir: Option<Spanned<String>>,
+}
+
+impl Config {
+    /// Parses a configuration text; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Config, ProfileError> {
+        let loc = Locator { source, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| loc.toml(e))?;
+        let mut c = Config::default();
+        let abs = |v: &Option<Spanned<String>>,
+                   key: &str,
+                   out: &mut PathBuf|
+         -> Result<(), ProfileError> {
+            if let Some(v) = v {
+                let p = Path::new(v.get_ref());
+                if !p.is_absolute() {
+                    return Err(loc.at(
+                        v.span(),
+                        format!("{key}: `{}` is not an absolute path", v.get_ref()),
+                    ));
+                }
+                *out = p.to_path_buf();
+            }
+            Ok(())
+        };
+        abs(&raw.daemon.socket, "daemon.socket", &mut c.socket)?;
+        abs(
+            &raw.daemon.launch_socket,
+            "daemon.launch_socket",
+            &mut c.launch_socket,
+        )?;
+        abs(
+            &raw.agents.profiles_dir,
+            "agents.profiles_dir",
+            &mut c.profiles_dir,
+        )?;
+        abs(&raw.agents.tmp_dir, "agents.tmp_dir", &mut c.tmp_dir)?;
+        if c.socket == c.launch_socket {
+            let span = raw
+                .daemon
+                .launch_socket
+                .as_ref()
+                .map(|s| s.span())
+                .unwrap_or(0..0);
+            return Err(loc.at(span, "daemon.launch_socket: must differ from daemon.socket"));
+        }
+        if let Some(v) = &raw.daemon.cgroup_root
+            && v.get_ref() != "auto"
+        {
+            let mut p = PathBuf::new();
+            abs(&raw.daemon.cgroup_root, "daemon.cgroup_root", &mut p)?;
+            c.cgroup_root = Some(p);
+        }
+        for (v, key, out) in [
+            (
+                &raw.daemon.admin_group,
+                "daemon.admin_group",
+                &mut c.admin_group,
+            ),
+            (&raw.agents.user, "agents.user", &mut c.agent_user),
+        ] {
+            if let Some(v) = v {
+                let s = v.get_ref();
+                let ok = !s.is_empty()
+                    && s.len() <= 32
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                if !ok {
+                    return Err(loc.at(
+                        v.span(),
+                        format!("{key}: `{s}` is not a user or group name"),
+                    ));
+                }
+                *out = s.clone();
+            }
+        }
+        if let Some(v) = &raw.agents.default_profile {
+            if !valid_name(v.get_ref()) {
+                return Err(loc.at(
+                    v.span(),
+                    format!(
+                        "agents.default_profile: `{}` is not a profile name",
+                        v.get_ref()
+                    ),
+                ));
+            }
+            c.default_profile = v.get_ref().clone();
+        }
+        c.path = Some(PathBuf::from(source));
+        Ok(c)
+    }
+
+    /// Loads the configuration: `explicit` (which must exist), else `AGENTD_CONFIG`, else
+    /// /etc/agentd/agentd.toml if it exists, else the defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ProfileError> {
+        let env = std::env::var_os("AGENTD_CONFIG").map(PathBuf::from);
+        let (path, must_exist) = match (explicit, env) {
+            (Some(p), _) => (p.to_path_buf(), true),
+            (None, Some(p)) => (p, true),
+            (None, None) => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Config::parse(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                Ok(Config::default())
+            }
+            Err(e) => Err(ProfileError {
+                source: path.display().to_string(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = Config::parse("", "a.toml").unwrap();
+        assert_eq!(Config { path: None, ..c }, Config::default());
+    }
+
+    #[test]
+    fn keys_are_read_and_checked() {
+        let c = Config::parse(
+            "[daemon]\nsocket = \"/tmp/x.sock\"\ncgroup_root = \"/sys/fs/cgroup/agents\"\n[agents]\nuser = \"nobody\"\n",
+            "a.toml",
+        )
+        .unwrap();
+        assert_eq!(c.socket, Path::new("/tmp/x.sock"));
+        assert_eq!(
+            c.cgroup_root.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/agents"))
+        );
+        assert_eq!(c.agent_user, "nobody");
+        let e = Config::parse("[daemon]\nsockett = \"/x\"\n", "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("a.toml:2:1: unknown field `sockett`"), "{e}");
+        let e = Config::parse("[agents]\nprofiles_dir = \"rel\"\n", "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "a.toml:2:16: agents.profiles_dir: `rel` is not an absolute path"
+        );
+        let e = Config::parse("[metrics]\n", "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("a.toml:1:2: unknown field `metrics`"), "{e}");
+    }
+
+    #[test]
+    fn an_explicit_missing_file_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/agentd.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/nonexistent/agentd.toml: cannot read"),
+            "{e}"
+        );
+    }
+}

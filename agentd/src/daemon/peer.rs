@@ -1,0 +1,96 @@
+//! Who is on the other end of a connection.
+
+use std::{fs, path::Path};
+
+use tokio::net::UnixStream;
+
+/// Which socket the peer connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Socket {
+    Control,
+    Launch,
+}
+
+/// The peer, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups of the peer process.
+    pub groups: Vec<u32>,
+    /// The agent (name of its cgroup directly below the agent root) the peer belongs to,
+    /// or `None` for a process outside the root. `Some("")` for a process in the root
+    /// itself, which no agent is.
+    pub agent: Option<String>,
+}
+
+/// The cgroup v2 path of a process (relative to the cgroup2 root, starting with `/`).
+fn cgroup_of(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
+fn groups_of(pid: u32) -> Vec<u32> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// The agent a cgroup path (as in /proc/PID/cgroup) belongs to, given the agent root's
+/// path relative to the cgroup2 mount root.
+pub fn agent_of(cgroup: &str, root_rel: &Path) -> Option<String> {
+    let rel = Path::new(cgroup).strip_prefix("/").ok()?;
+    let below = rel.strip_prefix(root_rel).ok()?;
+    Some(
+        below
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// Identifies the peer of `stream`. The cgroup is read right after accept; the peer
+/// cannot move itself between cgroups (agents cannot write to the cgroup file system).
+pub fn identify(stream: &UnixStream, root_rel: &Path) -> std::io::Result<Peer> {
+    let cred = stream.peer_cred()?;
+    let pid = cred.pid().unwrap_or(0) as u32;
+    let cgroup = cgroup_of(pid)
+        .ok_or_else(|| std::io::Error::other("the peer's cgroup is unknown (it exited?)"))?;
+    Ok(Peer {
+        pid,
+        uid: cred.uid(),
+        gid: cred.gid(),
+        groups: groups_of(pid),
+        agent: agent_of(&cgroup, root_rel),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_is_the_first_directory_below_the_root() {
+        let root = Path::new("agentd");
+        assert_eq!(agent_of("/agentd/a1", root).as_deref(), Some("a1"));
+        assert_eq!(
+            agent_of("/agentd/a1/made/by/agent", root).as_deref(),
+            Some("a1")
+        );
+        assert_eq!(agent_of("/agentd", root).as_deref(), Some(""));
+        assert_eq!(agent_of("/agentdx/a1", root), None);
+        assert_eq!(agent_of("/user.slice/x", root), None);
+        assert_eq!(agent_of("/", root), None);
+    }
+}

@@ -1,0 +1,124 @@
+//! The control protocol between the `agentd` commands and the daemon.
+//!
+//! Newline-delimited JSON over a Unix stream socket. The client sends one [`Request`]; for
+//! `run` the same message carries the client's stdin, stdout and stderr as SCM_RIGHTS
+//! descriptors, which become the agent's. The daemon answers with [`Reply`] lines: for
+//! `run`, `started` and later `exited`; meanwhile the client may send [`RunControl`]
+//! lines (signals to forward). If the client goes away, its agent is killed.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Adjustments, Policy};
+
+/// Largest message either side accepts.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Run(Box<RunRequest>),
+    Ps,
+    Inspect { agent: String },
+}
+
+/// Which profile: a name in the daemon's profiles directory, or a file the client read.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProfileSpec {
+    Default,
+    Named(String),
+    Inline { source: String, text: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// The client's working directory (the default workdir).
+    pub cwd: PathBuf,
+    pub profile: ProfileSpec,
+    pub name: Option<String>,
+    pub user: Option<String>,
+    /// SUDO_UID of the client, if set (the default user).
+    pub sudo_uid: Option<u32>,
+    pub workdir: Option<PathBuf>,
+    pub adjustments: Adjustments,
+}
+
+/// Messages the client may send on a `run` connection after `started`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RunControl {
+    Signal { signal: i32 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub name: String,
+    /// cgroup id (the id in kernel events).
+    pub id: u64,
+    pub cgroup: PathBuf,
+    /// The agent's first process.
+    pub pid: u32,
+    pub user: String,
+    pub uid: u32,
+    pub profile: String,
+    pub version: String,
+    pub mode: String,
+    pub parent: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub started: u64,
+    pub processes: usize,
+    /// What enforces each area for this agent, e.g. "network: cgroup connect4".
+    pub enforcement: Vec<String>,
+    pub workdir: PathBuf,
+    pub tmp: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub uid: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    pub net_denied: u64,
+    pub file_denied: u64,
+    pub would_deny: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Started {
+        agent: Box<AgentInfo>,
+        removed_env: Vec<String>,
+    },
+    /// `status` is what a shell reports: the exit code, or 128 + signal.
+    Exited {
+        status: i32,
+        signal: Option<i32>,
+    },
+    Error {
+        message: String,
+        exit_code: i32,
+    },
+    Agents {
+        agents: Vec<AgentInfo>,
+    },
+    Inspect {
+        agent: Box<AgentInfo>,
+        policy: Box<Policy>,
+        processes: Vec<ProcessInfo>,
+        counters: Counters,
+    },
+}
+
+/// Exit status for a request refused for its policy, profile or flags.
+pub const EXIT_POLICY: i32 = 2;
+/// Exit status for a failure of agentd itself (daemon unreachable, launch step failed).
+pub const EXIT_AGENTD: i32 = 125;

@@ -4,8 +4,10 @@
 //! - `build`: the eBPF object and the userspace binary, release.
 //! - `test`: unit tests, host integration tests (root), VM tests (BPF LSM kernels).
 //! - `vm`: boot a test kernel with the current binaries, for tests or an interactive look.
+//! - `daemon`: build and run the daemon in the foreground with this checkout's profiles.
 
 mod build;
+mod daemon;
 mod setup;
 mod test;
 mod util;
@@ -39,6 +41,9 @@ enum Task {
     Test(test::Options),
     /// Boot a VM test kernel with the agentd binaries and run the VM test suite in it.
     Vm(vm::Options),
+    /// Build agentd and run its daemon in the foreground with this checkout's profiles
+    /// (as root). Prints how to start an agent against it.
+    Daemon(daemon::Options),
 }
 
 fn main() {
@@ -48,6 +53,7 @@ fn main() {
         Task::Build(opts) => build::run(opts),
         Task::Test(opts) => test::run(opts),
         Task::Vm(opts) => vm::run(opts),
+        Task::Daemon(opts) => daemon::run(opts),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

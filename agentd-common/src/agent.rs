@@ -25,8 +25,16 @@ pub struct AgentEntry {
     pub flags: u32,
     /// File accesses (`files::ACCESS_*` bits) allowed when no path rule mentions them.
     pub file_default_allow: u32,
-    /// Version counter of the policy in force, bumped by userspace on every change.
-    pub policy_generation: u64,
+    /// Key prefix of this agent's rules in `NET_ALLOW4`, `NET_ALLOW6` and `FILE_RULES`.
+    /// A policy change writes the new rules under a fresh id and then changes this one
+    /// field, so a program sees either the whole old policy or the whole new one.
+    pub policy_id: u64,
+    /// The agent's own DNS resolver address (IPv4, network byte order): every DNS query
+    /// of the agent (port 53, any address) is sent there instead.
+    pub dns_addr: [u8; 4],
+    /// That resolver's port, host byte order.
+    pub dns_port: u16,
+    pub _pad: u16,
 }
 
 pod!(AgentEntry);

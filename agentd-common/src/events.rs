@@ -22,6 +22,11 @@ pub const EVENT_FILE: u32 = 2;
 /// `EventHeader::hook`: the kernel hook that decided.
 pub const HOOK_CONNECT4: u32 = 1;
 pub const HOOK_FILE_OPEN: u32 = 2;
+pub const HOOK_CONNECT6: u32 = 3;
+pub const HOOK_SENDMSG4: u32 = 4;
+pub const HOOK_SENDMSG6: u32 = 5;
+pub const HOOK_SOCK_CREATE: u32 = 6;
+pub const HOOK_SKB_EGRESS: u32 = 7;
 
 /// `EventHeader::verdict`: the operation was refused.
 pub const VERDICT_DENY: u32 = 1;
@@ -52,13 +57,15 @@ pub struct EventHeader {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetEvent {
     pub header: EventHeader,
-    /// AF_INET or AF_INET6.
+    /// AF_INET or AF_INET6 (for HOOK_SOCK_CREATE: the family of the refused socket).
     pub family: u16,
-    /// Destination port, host byte order.
+    /// Destination port, host byte order (0 for HOOK_SOCK_CREATE).
     pub port: u16,
-    /// `network::PROTO_*` bit.
+    /// `network::PROTO_*` bit (0 when neither TCP nor UDP).
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// Socket type (SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, ...) where known.
+    pub sock_type: u16,
     /// Destination address, network byte order; IPv4 uses the first 4 bytes.
     pub addr: [u8; 16],
 }

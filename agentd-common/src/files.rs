@@ -30,7 +30,8 @@ pub const MAX_PATH_DEPTH: u32 = 64;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FileRuleKey {
-    pub agent: u64,
+    /// The agent's policy id (`AgentEntry::policy_id`).
+    pub policy: u64,
     pub ino: u64,
     /// The kernel's internal device number of the inode's super block (`s_dev`):
     /// major << 20 | minor.

@@ -2,17 +2,24 @@
 
 use agentd_common::agent::{AgentEntry, MAX_AGENTS};
 use aya_ebpf::{
-    helpers::generated::bpf_get_current_ancestor_cgroup_id, macros::map, maps::HashMap,
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_skb_ancestor_cgroup_id},
+    macros::map,
+    maps::HashMap,
+    programs::SkBuffContext,
 };
 
 /// Map `AGENTS`.
 /// - key: agent id = cgroup id of the agent's cgroup (`u64`)
-/// - value: [`AgentEntry`] (flags, file defaults, policy generation)
+/// - value: [`AgentEntry`] (flags, file defaults, policy id, DNS resolver address)
 /// - size: [`MAX_AGENTS`] entries
 /// - owner: the daemon writes (on agent start, policy change, kill) and deletes (on agent
 ///   exit); programs only read.
+///
+/// Not preallocated: an update then swaps in a new element, so a program reads either the
+/// old entry or the new one, never a mix (a policy change is one update of this map).
 #[map]
-static AGENTS: HashMap<u64, AgentEntry> = HashMap::with_max_entries(MAX_AGENTS, 0);
+static AGENTS: HashMap<u64, AgentEntry> = HashMap::with_max_entries(MAX_AGENTS, BPF_F_NO_PREALLOC);
 
 /// Id of agentd's agent root cgroup; set by the loader (read-only once loaded).
 #[unsafe(no_mangle)]
@@ -33,22 +40,47 @@ pub enum Subject {
     Unregistered { id: u64 },
 }
 
+/// The loader-set root id and level.
+#[inline(always)]
+fn root() -> (u64, i32) {
+    // SAFETY: reading the loader-set globals; volatile so the compiler keeps the load.
+    unsafe {
+        (
+            core::ptr::read_volatile(&AGENT_ROOT_ID),
+            core::ptr::read_volatile(&AGENT_ROOT_LEVEL) as i32,
+        )
+    }
+}
+
+#[inline(always)]
+fn subject(id: u64) -> Subject {
+    // SAFETY: the entry is copied out at once; the map is not preallocated, so the element
+    // read is never reused while we copy it.
+    match unsafe { AGENTS.get(id) } {
+        Some(entry) => Subject::Agent { id, entry: *entry },
+        None => Subject::Unregistered { id },
+    }
+}
+
 /// Classifies the current task by its cgroup.
 #[inline(always)]
 pub fn current() -> Subject {
-    // SAFETY: reading the loader-set globals; volatile so the compiler keeps the load.
-    let root = unsafe { core::ptr::read_volatile(&AGENT_ROOT_ID) };
-    let level = unsafe { core::ptr::read_volatile(&AGENT_ROOT_LEVEL) } as i32;
+    let (root, level) = root();
     // SAFETY: the helper only reads the current task's cgroup.
     if root == 0 || unsafe { bpf_get_current_ancestor_cgroup_id(level) } != root {
         return Subject::Outside;
     }
     // 0 when the task sits in the root itself (agentd never puts a task there).
-    let id = unsafe { bpf_get_current_ancestor_cgroup_id(level + 1) };
-    // SAFETY: the entry is copied out at once; the map is not BPF_F_NO_PREALLOC-sensitive
-    // for a Copy read.
-    match unsafe { AGENTS.get(id) } {
-        Some(entry) => Subject::Agent { id, entry: *entry },
-        None => Subject::Unregistered { id },
+    subject(unsafe { bpf_get_current_ancestor_cgroup_id(level + 1) })
+}
+
+/// Classifies the socket that sends a packet, by the cgroup it was created in.
+#[inline(always)]
+pub fn of_skb(ctx: &SkBuffContext) -> Subject {
+    let (root, level) = root();
+    // SAFETY: the helper reads the cgroup of the packet's socket.
+    if root == 0 || unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level) } != root {
+        return Subject::Outside;
     }
+    subject(unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level + 1) })
 }

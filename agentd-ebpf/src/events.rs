@@ -39,6 +39,25 @@ pub fn header(kind: u32, hook: u32, agent: u64, verdict: u32) -> EventHeader {
     }
 }
 
+/// A header for a decision taken on a packet (cgroup_skb), where the current task is not
+/// the packet's sender and kernels before 6.18 give no task helpers: pid, tid and comm
+/// stay zero; the agent comes from the packet's socket.
+#[inline(always)]
+pub fn header_packet(kind: u32, hook: u32, agent: u64, verdict: u32) -> EventHeader {
+    EventHeader {
+        kind,
+        hook,
+        agent,
+        // SAFETY: no preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        pid: 0,
+        tid: 0,
+        comm: [0; 16],
+        verdict,
+        _pad: 0,
+    }
+}
+
 /// Sends `record` to the daemon, or counts it as lost.
 #[inline(always)]
 pub fn emit<T>(record: &T) {

@@ -88,7 +88,7 @@ pub fn file_open(ctx: LsmContext) -> i32 {
     }
     // SAFETY: f_path is embedded in the file.
     let path = unsafe { file.add(off.file_f_path as usize) };
-    let verdict = judge(id, &entry, &off, path, access);
+    let verdict = judge(&entry, &off, path, access);
     if verdict.denied == 0 {
         return 0;
     }
@@ -108,15 +108,9 @@ struct Verdict {
     ino: u64,
 }
 
-/// Decides `access` to the file at `path` (a `struct path *`) for agent `id`.
+/// Decides `access` to the file at `path` (a `struct path *`) under an agent's entry.
 #[inline(always)]
-fn judge(
-    id: u64,
-    entry: &AgentEntry,
-    off: &KernelOffsets,
-    path: *const u8,
-    access: u32,
-) -> Verdict {
+fn judge(entry: &AgentEntry, off: &KernelOffsets, path: *const u8, access: u32) -> Verdict {
     let mut verdict = Verdict {
         denied: 0,
         dev: 0,
@@ -147,7 +141,7 @@ fn judge(
             verdict.ino = ino;
         }
         let key = FileRuleKey {
-            agent: id,
+            policy: entry.policy_id,
             ino,
             dev,
             _pad: 0,

@@ -2,12 +2,13 @@
 //!
 //! Each program does nothing and allows everything. Doctor loads (and where attaching is
 //! the question, briefly attaches) each one to learn, by trying, what this kernel lets
-//! agentd use. None of them is attached by the daemon.
+//! agentd use. None of them is attached by the daemon. For the cgroup hooks doctor tries
+//! agentd's real programs instead (network.rs), so a verifier that rejects one shows up.
 
 use aya_ebpf::{
     helpers::generated::bpf_send_signal,
-    macros::{cgroup_skb, cgroup_sock, lsm, raw_tracepoint},
-    programs::{LsmContext, RawTracePointContext, SkBuffContext, SockContext},
+    macros::{lsm, raw_tracepoint},
+    programs::{LsmContext, RawTracePointContext},
 };
 
 /// Is BPF LSM usable: loads only where the kernel accepts BPF_PROG_TYPE_LSM, attaches only
@@ -32,16 +33,4 @@ pub fn probe_send_signal(_ctx: RawTracePointContext) -> i32 {
     // SAFETY: the helper takes a plain integer.
     let _ = unsafe { bpf_send_signal(0) };
     0
-}
-
-/// cgroup_skb egress (the packet backstop of the egress allowlist).
-#[cgroup_skb]
-pub fn probe_skb(_ctx: SkBuffContext) -> i32 {
-    1
-}
-
-/// cgroup_sock socket creation (refusing raw and packet sockets).
-#[cgroup_sock(sock_create)]
-pub fn probe_sock(_ctx: SockContext) -> i32 {
-    1
 }

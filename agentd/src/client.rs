@@ -13,9 +13,10 @@ use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use crate::{
     config::Config,
     policy::Adjustments,
-    profile,
+    profile::{self, Mode},
     protocol::{
         AgentInfo, EXIT_AGENTD, EXIT_POLICY, ProfileSpec, Reply, Request, RunControl, RunRequest,
+        UpdateRequest,
     },
 };
 
@@ -98,36 +99,46 @@ fn forwarded_signals() -> nix::sys::signal::SigSet {
     set
 }
 
+/// The profile as the daemon should get it: a name, or the text of a file this process
+/// reads (with its own permissions).
+fn profile_spec(cwd: &Path, profile: Option<&str>) -> Result<ProfileSpec, String> {
+    match profile {
+        None => Ok(ProfileSpec::Default),
+        Some(p) if profile::is_path(p) => {
+            let path = absolute(cwd, Path::new(p));
+            std::fs::read_to_string(&path)
+                .map(|text| ProfileSpec::Inline {
+                    source: path.display().to_string(),
+                    text,
+                })
+                .map_err(|e| format!("--profile {}: cannot read: {e}", path.display()))
+        }
+        Some(name) => Ok(ProfileSpec::Named(name.to_string())),
+    }
+}
+
+/// Makes the paths of command-line changes absolute.
+fn absolute_paths(cwd: &Path, adjustments: &Adjustments) -> Adjustments {
+    let mut a = adjustments.clone();
+    for list in [&mut a.allow_read, &mut a.allow_write, &mut a.deny_path] {
+        for p in list.iter_mut() {
+            *p = absolute(cwd, p);
+        }
+    }
+    a
+}
+
 /// `agentd run`: returns the exit status to use.
 pub fn run(config: &Config, args: RunArgs) -> i32 {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let profile = match &args.profile {
-        None => ProfileSpec::Default,
-        Some(p) if profile::is_path(p) => {
-            let path = absolute(&cwd, Path::new(p));
-            match std::fs::read_to_string(&path) {
-                Ok(text) => ProfileSpec::Inline {
-                    source: path.display().to_string(),
-                    text,
-                },
-                Err(e) => {
-                    eprintln!("agentd run: --profile {}: cannot read: {e}", path.display());
-                    return EXIT_POLICY;
-                }
-            }
+    let profile = match profile_spec(&cwd, args.profile.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agentd run: {e}");
+            return EXIT_POLICY;
         }
-        Some(name) => ProfileSpec::Named(name.clone()),
     };
-    let mut adjustments = args.adjustments.clone();
-    for list in [
-        &mut adjustments.allow_read,
-        &mut adjustments.allow_write,
-        &mut adjustments.deny_path,
-    ] {
-        for p in list.iter_mut() {
-            *p = absolute(&cwd, p);
-        }
-    }
+    let adjustments = absolute_paths(&cwd, &args.adjustments);
     let env: Vec<(String, String)> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
@@ -297,6 +308,56 @@ pub fn ps(config: &Config, json: bool) -> i32 {
     0
 }
 
+/// `agentd update AGENT`.
+pub fn update(
+    config: &Config,
+    agent: &str,
+    profile: Option<&str>,
+    adjustments: &Adjustments,
+    mode: Option<Mode>,
+    json: bool,
+) -> i32 {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let profile = match profile {
+        None => None,
+        Some(p) => match profile_spec(&cwd, Some(p)) {
+            Ok(spec) => Some(spec),
+            Err(e) => {
+                eprintln!("agentd update: {e}");
+                return EXIT_POLICY;
+            }
+        },
+    };
+    let request = Request::Update(Box::new(UpdateRequest {
+        agent: agent.to_string(),
+        profile,
+        adjustments: absolute_paths(&cwd, adjustments),
+        mode,
+    }));
+    let Ok(Reply::Updated { agent, policy }) = call(config, &request) else {
+        return EXIT_POLICY;
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"agent": agent, "policy": policy}))
+                .expect("serializable")
+        );
+        return 0;
+    }
+    println!(
+        "agent {} now runs under profile {} {} ({})",
+        agent.name, agent.profile, agent.version, agent.mode
+    );
+    println!(
+        "in force now: network egress and DNS names, audit/enforce mode; for agents it launches later: everything"
+    );
+    println!(
+        "unchanged until the agent restarts: its user, capabilities, seccomp filter, limits and environment"
+    );
+    0
+}
+
 /// `agentd inspect AGENT`.
 pub fn inspect(config: &Config, name: &str, json: bool) -> i32 {
     let reply = match call(
@@ -335,6 +396,15 @@ pub fn inspect(config: &Config, name: &str, json: bool) -> i32 {
     );
     println!("workdir   {}", agent.workdir.display());
     println!("tmp       {}", agent.tmp.display());
+    println!(
+        "resolver  {}{}",
+        agent.dns,
+        if agent.learned.is_empty() {
+            String::new()
+        } else {
+            format!(" (answered: {})", agent.learned.join(", "))
+        }
+    );
     if let Some(p) = &agent.parent {
         println!("parent    {p}");
     }
@@ -343,8 +413,13 @@ pub fn inspect(config: &Config, name: &str, json: bool) -> i32 {
         println!("enforced  {e}");
     }
     println!(
-        "counters  {} connects denied, {} file accesses denied, {} would-be denials (audit)",
-        counters.net_denied, counters.file_denied, counters.would_deny
+        "counters  {} network operations denied, {} file accesses denied, {} would-be denials (audit), \
+         {} DNS queries answered, {} refused",
+        counters.net_denied,
+        counters.file_denied,
+        counters.would_deny,
+        counters.dns_answered,
+        counters.dns_refused
     );
     println!("processes {}", processes.len());
     for p in processes {

@@ -14,6 +14,10 @@
 //! default_profile = "default"
 //! user = "agentd-agent"                       # account for agents when no --user/SUDO_UID
 //! tmp_dir = "/tmp/agentd"                     # per-agent private tmp directories go here
+//!
+//! [dns]
+//! upstream = "auto"                           # or ["192.0.2.53:53"]; auto: /etc/resolv.conf
+//! port = 10053                                # port of each agent's resolver (127.53.x.y)
 //! ```
 //!
 //! `cgroup_root = "auto"` is `<cgroup2 mount>/agentd`, or, when the daemon runs as a
@@ -42,6 +46,9 @@ pub struct Config {
     pub default_profile: String,
     pub agent_user: String,
     pub tmp_dir: PathBuf,
+    /// Upstream DNS resolvers; `None` for "auto" (the nameservers of /etc/resolv.conf).
+    pub dns_upstream: Option<Vec<std::net::SocketAddr>>,
+    pub dns_port: u16,
 }
 
 impl Default for Config {
@@ -56,6 +63,8 @@ impl Default for Config {
             default_profile: "default".into(),
             agent_user: "agentd-agent".into(),
             tmp_dir: "/tmp/agentd".into(),
+            dns_upstream: None,
+            dns_port: 10053,
         }
     }
 }
@@ -67,6 +76,15 @@ struct RawConfig {
     daemon: RawDaemon,
     #[serde(default)]
     agents: RawAgents,
+    #[serde(default)]
+    dns: RawDns,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    upstream: Option<Spanned<toml::Value>>,
+    port: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -171,6 +189,45 @@ impl Config {
                 ));
             }
             c.default_profile = v.get_ref().clone();
+        }
+        if let Some(v) = &raw.dns.upstream {
+            c.dns_upstream = match v.get_ref() {
+                toml::Value::String(s) if s == "auto" => None,
+                toml::Value::Array(list) => {
+                    let mut out = Vec::new();
+                    for item in list {
+                        let addr = item
+                            .as_str()
+                            .and_then(|s| s.parse::<std::net::SocketAddr>().ok())
+                            .ok_or_else(|| loc.at(v.span(), format!("dns.upstream: `{item}` is not an address with a port, like \"192.0.2.53:53\"")))?;
+                        out.push(addr);
+                    }
+                    Some(out)
+                }
+                other => {
+                    return Err(loc.at(
+                        v.span(),
+                        format!(
+                            "dns.upstream: expected \"auto\" or a list of addresses, found {}",
+                            other.type_str()
+                        ),
+                    ));
+                }
+            };
+        }
+        if let Some(p) = &raw.dns.port {
+            c.dns_port = u16::try_from(*p.get_ref())
+                .ok()
+                .filter(|p| *p != 0 && *p != 53)
+                .ok_or_else(|| {
+                    loc.at(
+                        p.span(),
+                        format!(
+                            "dns.port: {} is not a port for agentd's resolver (1-65535, not 53)",
+                            p.get_ref()
+                        ),
+                    )
+                })?;
         }
         c.path = Some(PathBuf::from(source));
         Ok(c)

@@ -235,9 +235,29 @@ pub fn run() -> Report {
         let cgroup_file = probe_cgroup
             .as_ref()
             .and_then(|d| File::open(d.path()).ok());
-        checks.push(probe_sock_addr(ebpf_obj, cgroup_file.as_ref()));
-        checks.push(probe_sock(ebpf_obj, cgroup_file.as_ref()));
-        checks.push(probe_skb(ebpf_obj, cgroup_file.as_ref()));
+        let cg = cgroup_file.as_ref();
+        let sock_addr = crate::network::SOCK_ADDR_PROGRAMS;
+        checks.push(try_programs(
+            ebpf_obj,
+            cg,
+            ("cgroup_sock_addr", "cgroup sock_addr"),
+            CgroupKind::SockAddr,
+            sock_addr,
+        ));
+        checks.push(try_programs(
+            ebpf_obj,
+            cg,
+            ("cgroup_sock", "cgroup sock (socket create)"),
+            CgroupKind::Sock,
+            &["sock_create"],
+        ));
+        checks.push(try_programs(
+            ebpf_obj,
+            cg,
+            ("cgroup_skb", "cgroup_skb egress"),
+            CgroupKind::SkbEgress,
+            &["skb_egress"],
+        ));
         checks.push(probe_raw_tp(ebpf_obj));
         checks.push(probe_send_signal(ebpf_obj));
         checks.push(probe_lsm(ebpf_obj, btf.as_ref()));
@@ -268,101 +288,69 @@ pub fn run() -> Report {
     report
 }
 
-fn probe_sock_addr(ebpf: &mut Ebpf, cgroup: Option<&File>) -> Check {
-    let name = "cgroup sock_addr";
-    let Some(cgroup) = cgroup else {
-        return check(
-            "cgroup_sock_addr",
-            name,
-            Status::Missing,
-            "no cgroup to attach to",
-        );
-    };
-    let result = (|| -> Result<()> {
-        let prog: &mut aya::programs::CgroupSockAddr = ebpf
-            .program_mut("connect4")
-            .context("no connect4")?
-            .try_into()?;
-        prog.load()?;
-        let link = prog.attach(cgroup, CgroupAttachMode::Single)?;
-        prog.detach(link)?;
-        Ok(())
-    })();
-    match result {
-        Ok(()) => check(
-            "cgroup_sock_addr",
-            name,
-            Status::Ok,
-            "connect4 loaded and attached to a cgroup",
-        ),
-        Err(e) => check("cgroup_sock_addr", name, Status::Missing, format!("{e:#}")),
-    }
+/// Kinds of cgroup program doctor attaches.
+#[derive(Clone, Copy)]
+enum CgroupKind {
+    SockAddr,
+    Sock,
+    SkbEgress,
 }
 
-fn probe_sock(ebpf: &mut Ebpf, cgroup: Option<&File>) -> Check {
-    let name = "cgroup sock (socket create)";
-    let Some(cgroup) = cgroup else {
-        return check(
-            "cgroup_sock",
-            name,
-            Status::Missing,
-            "no cgroup to attach to",
-        );
-    };
-    let result = (|| -> Result<()> {
-        let prog: &mut CgroupSock = ebpf
-            .program_mut("probe_sock")
-            .context("no probe_sock")?
-            .try_into()?;
-        prog.load()?;
-        let link = prog.attach(cgroup, CgroupAttachMode::Single)?;
-        prog.detach(link)?;
-        Ok(())
-    })();
-    match result {
-        Ok(()) => check(
-            "cgroup_sock",
-            name,
-            Status::Ok,
-            "loaded and attached to a cgroup",
-        ),
-        Err(e) => check("cgroup_sock", name, Status::Missing, format!("{e:#}")),
+/// Loads one of agentd's programs, attaches it to the doctor's cgroup and detaches it.
+fn attach_detach(ebpf: &mut Ebpf, name: &str, kind: CgroupKind, cgroup: &File) -> Result<()> {
+    let prog = ebpf
+        .program_mut(name)
+        .with_context(|| format!("no {name} program"))?;
+    match kind {
+        CgroupKind::SockAddr => {
+            let p: &mut aya::programs::CgroupSockAddr = prog.try_into()?;
+            p.load()?;
+            let link = p.attach(cgroup, CgroupAttachMode::Single)?;
+            p.detach(link)?;
+        }
+        CgroupKind::Sock => {
+            let p: &mut CgroupSock = prog.try_into()?;
+            p.load()?;
+            let link = p.attach(cgroup, CgroupAttachMode::Single)?;
+            p.detach(link)?;
+        }
+        CgroupKind::SkbEgress => {
+            let p: &mut CgroupSkb = prog.try_into()?;
+            p.load()?;
+            let link = p.attach(
+                cgroup,
+                CgroupSkbAttachType::Egress,
+                CgroupAttachMode::Single,
+            )?;
+            p.detach(link)?;
+        }
     }
+    Ok(())
 }
 
-fn probe_skb(ebpf: &mut Ebpf, cgroup: Option<&File>) -> Check {
-    let name = "cgroup_skb egress";
+/// Tries agentd's own programs of one kind: a verifier that rejects one on this kernel
+/// shows up here, before any agent depends on it.
+fn try_programs(
+    ebpf: &mut Ebpf,
+    cgroup: Option<&File>,
+    (id, name): (&'static str, &'static str),
+    kind: CgroupKind,
+    programs: &[&str],
+) -> Check {
     let Some(cgroup) = cgroup else {
-        return check(
-            "cgroup_skb",
-            name,
-            Status::Missing,
-            "no cgroup to attach to",
-        );
+        return check(id, name, Status::Missing, "no cgroup to attach to");
     };
-    let result = (|| -> Result<()> {
-        let prog: &mut CgroupSkb = ebpf
-            .program_mut("probe_skb")
-            .context("no probe_skb")?
-            .try_into()?;
-        prog.load()?;
-        let link = prog.attach(
-            cgroup,
-            CgroupSkbAttachType::Egress,
-            CgroupAttachMode::Single,
-        )?;
-        prog.detach(link)?;
-        Ok(())
-    })();
-    match result {
-        Ok(()) => check(
-            "cgroup_skb",
-            name,
-            Status::Ok,
-            "loaded and attached to a cgroup",
-        ),
-        Err(e) => check("cgroup_skb", name, Status::Missing, format!("{e:#}")),
+    for p in programs {
+        if let Err(e) = attach_detach(ebpf, p, kind, cgroup) {
+            return check(id, name, Status::Missing, format!("{p}: {e:#}"));
+        }
     }
+    check(
+        id,
+        name,
+        Status::Ok,
+        format!("{} loaded and attached to a cgroup", programs.join(", ")),
+    )
 }
 
 fn probe_raw_tp(ebpf: &mut Ebpf) -> Check {

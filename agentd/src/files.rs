@@ -18,8 +18,8 @@ pub fn kernel_dev(st_dev: u64) -> u32 {
     (major << 20) | (minor & 0xfffff)
 }
 
-/// The key under which a rule for `path` of `agent` is stored.
-pub fn rule_key(agent: u64, path: &Path) -> Result<FileRuleKey> {
+/// The key under which a rule for `path` of policy `policy` is stored.
+pub fn rule_key(policy: u64, path: &Path) -> Result<FileRuleKey> {
     let meta = std::fs::metadata(path).with_context(|| {
         format!(
             "a file rule names {}, which cannot be opened",
@@ -27,23 +27,23 @@ pub fn rule_key(agent: u64, path: &Path) -> Result<FileRuleKey> {
         )
     })?;
     Ok(FileRuleKey {
-        agent,
+        policy,
         ino: meta.ino(),
         dev: kernel_dev(meta.dev()),
         _pad: 0,
     })
 }
 
-/// Sets the rule of `agent` on `path`.
-pub fn set_rule(ebpf: &mut Ebpf, agent: u64, path: &Path, rule: FileRule) -> Result<()> {
-    let key = rule_key(agent, path)?;
+/// Sets the rule of policy `policy` on `path`.
+pub fn set_rule(ebpf: &mut Ebpf, policy: u64, path: &Path, rule: FileRule) -> Result<()> {
+    let key = rule_key(policy, path)?;
     let map = ebpf
         .map_mut(FILE_RULES_MAP)
         .context("the object has no FILE_RULES map")?;
     let mut rules: HashMap<_, FileRuleKey, FileRule> = HashMap::try_from(map)?;
     rules
         .insert(key, rule, 0)
-        .with_context(|| format!("storing the rule of agent {agent} on {}", path.display()))
+        .with_context(|| format!("storing the rule of policy {policy} on {}", path.display()))
 }
 
 /// Loads the file_open BPF LSM program and attaches it; returns its kernel id.

@@ -61,6 +61,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Give a running agent a new policy: its profile read again or another one, plus
+    /// changes. Egress, DNS names and the audit/enforce mode change at once; agents it
+    /// launched are narrowed again; its user, capabilities, seccomp filter, limits and
+    /// environment stay as they were at launch.
+    ///
+    /// Examples:
+    ///   sudo agentd update my-agent --allow-net 10.0.0.5:8080
+    ///   sudo agentd update my-agent --profile coding-agent
+    ///   sudo agentd update my-agent --enforce
+    #[command(verbatim_doc_comment)]
+    Update(Box<UpdateCmd>),
     /// Show what this host can enforce, found by loading real programs (needs root).
     ///
     /// Exits 0 when agentd can contain agents here, 1 when it cannot.
@@ -119,6 +130,39 @@ struct RunCmd {
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+#[derive(Args)]
+struct UpdateCmd {
+    /// Agent name (see agentd ps).
+    agent: String,
+    /// A new profile, by name or path [default: the agent's profile, read again]
+    #[arg(long, value_name = "NAME|PATH")]
+    profile: Option<String>,
+    /// Also allow connections to CIDR[:PORT[-PORT]][/tcp|/udp] (repeatable)
+    #[arg(long = "allow-net", value_name = "CIDR[:PORT]")]
+    allow_net: Vec<String>,
+    /// Also allow the DNS name NAME[:PORT] (repeatable)
+    #[arg(long = "allow-host", value_name = "NAME[:PORT]")]
+    allow_host: Vec<String>,
+    /// Also allow reading PATH (repeatable)
+    #[arg(long = "allow-read", value_name = "PATH")]
+    allow_read: Vec<PathBuf>,
+    /// Also allow reading and writing PATH (repeatable)
+    #[arg(long = "allow-write", value_name = "PATH")]
+    allow_write: Vec<PathBuf>,
+    /// Deny every access to PATH (repeatable)
+    #[arg(long = "deny-path", value_name = "PATH")]
+    deny_path: Vec<PathBuf>,
+    /// Switch to audit mode: report, deny nothing
+    #[arg(long, conflicts_with = "enforce")]
+    audit: bool,
+    /// Switch back to enforcing
+    #[arg(long)]
+    enforce: bool,
+    /// Print the new policy as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -302,6 +346,34 @@ fn main() -> ExitCode {
                 },
             ),
         },
+        Command::Update(u) => load_config(cli.config.as_deref()).map_or_else(
+            |c| c,
+            |config| {
+                let adjustments = Adjustments {
+                    allow_net: u.allow_net,
+                    allow_host: u.allow_host,
+                    allow_read: u.allow_read,
+                    allow_write: u.allow_write,
+                    deny_path: u.deny_path,
+                    audit: false,
+                };
+                let mode = if u.audit {
+                    Some(profile::Mode::Audit)
+                } else if u.enforce {
+                    Some(profile::Mode::Enforce)
+                } else {
+                    None
+                };
+                client::update(
+                    &config,
+                    &u.agent,
+                    u.profile.as_deref(),
+                    &adjustments,
+                    mode,
+                    u.json,
+                )
+            },
+        ),
         Command::Ps { json } => load_config(cli.config.as_deref())
             .map_or_else(|c| c, |config| client::ps(&config, json)),
         Command::Inspect { agent, json } => load_config(cli.config.as_deref())

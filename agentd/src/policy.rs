@@ -206,7 +206,37 @@ pub struct Adjustments {
     pub audit: bool,
 }
 
+impl Adjustments {
+    /// Adds `more` to these changes.
+    pub fn extend(&mut self, more: &Adjustments) {
+        self.allow_net.extend(more.allow_net.iter().cloned());
+        self.allow_host.extend(more.allow_host.iter().cloned());
+        self.allow_read.extend(more.allow_read.iter().cloned());
+        self.allow_write.extend(more.allow_write.iter().cloned());
+        self.deny_path.extend(more.deny_path.iter().cloned());
+        self.audit |= more.audit;
+    }
+}
+
 impl Policy {
+    /// A policy that allows nothing (a placeholder before the real one is computed).
+    pub fn empty() -> Policy {
+        Policy {
+            profile: String::new(),
+            version: semver::Version::new(0, 0, 0),
+            source: String::new(),
+            mode: Mode::Enforce,
+            network: NetworkPolicy::default(),
+            files: FilePolicy::default(),
+            capabilities: BTreeSet::new(),
+            seccomp_deny: BTreeSet::new(),
+            rlimits: BTreeMap::new(),
+            environment: EnvRules::default(),
+            adjustments: Vec::new(),
+            narrowed_by: None,
+        }
+    }
+
     /// The policy a profile gives an agent with these placeholder values.
     pub fn from_profile(p: &Profile, ph: &Placeholders) -> Policy {
         let mut files = FilePolicy {

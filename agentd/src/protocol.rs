@@ -21,6 +21,19 @@ pub enum Request {
     Run(Box<RunRequest>),
     Ps,
     Inspect { agent: String },
+    Update(Box<UpdateRequest>),
+}
+
+/// `agentd update`: a new policy for a running agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UpdateRequest {
+    pub agent: String,
+    /// A new profile; `None` reads the agent's profile again.
+    pub profile: Option<ProfileSpec>,
+    /// Added to the agent's command-line changes.
+    pub adjustments: Adjustments,
+    /// Switch to audit or back to enforce.
+    pub mode: Option<crate::profile::Mode>,
 }
 
 /// Which profile: a name in the daemon's profiles directory, or a file the client read.
@@ -75,6 +88,10 @@ pub struct AgentInfo {
     pub enforcement: Vec<String>,
     pub workdir: PathBuf,
     pub tmp: PathBuf,
+    /// The agent's own resolver, where its DNS queries go.
+    pub dns: String,
+    /// Addresses its resolver answered with, allowed for their TTL.
+    pub learned: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -89,6 +106,10 @@ pub struct Counters {
     pub net_denied: u64,
     pub file_denied: u64,
     pub would_deny: u64,
+    /// DNS queries answered by forwarding (allowed names).
+    pub dns_answered: u64,
+    /// DNS queries refused (names the policy does not allow).
+    pub dns_refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -115,6 +136,10 @@ pub enum Reply {
         policy: Box<Policy>,
         processes: Vec<ProcessInfo>,
         counters: Counters,
+    },
+    Updated {
+        agent: Box<AgentInfo>,
+        policy: Box<Policy>,
     },
 }
 

@@ -9,6 +9,11 @@
 //! - `clone` and `unshare` are denied only with a namespace flag; `clone3` passes its flags
 //!   in memory that seccomp cannot read, so it fails with ENOSYS, which makes the C
 //!   library fall back to `clone`, where the flags are checked.
+//! - `socket` is allowed only for AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK with
+//!   NETLINK_ROUTE (what the C library's getaddrinfo uses). The cgroup `sock_create`
+//!   program sees IP sockets only, so packet, vsock, other netlink and every other family
+//!   are refused here. On i386, `socketcall` hides its arguments in memory and is refused;
+//!   the C library uses the direct socket calls instead.
 //!
 //! The filter is compiled to BPF before the launcher forks, so the child only makes the
 //! `seccomp(2)` call: no allocation between fork and exec.
@@ -89,6 +94,16 @@ pub const NAMESPACE_FLAGS: &[(&str, u64)] = &[
     ("CLONE_NEWNET", libc::CLONE_NEWNET as u64),
     ("CLONE_NEWTIME", 0x80),
 ];
+
+/// Socket families an agent may create (besides these, everything is refused).
+pub const ALLOWED_FAMILIES: &[(&str, u64)] = &[
+    ("AF_UNIX", 1),
+    ("AF_INET", 2),
+    ("AF_INET6", 10),
+    ("AF_NETLINK", 16),
+];
+/// The only netlink protocol allowed: NETLINK_ROUTE.
+const NETLINK_ROUTE: u64 = 0;
 
 /// Checks that `name` is a system call libseccomp knows on x86-64 or i386.
 pub fn check_syscall_name(name: &str) -> Result<(), String> {
@@ -199,6 +214,38 @@ pub fn build(extra: &[String], audit: bool) -> Result<Filter> {
                 .with_context(|| format!("seccomp rule for {sys} with {flag_name}"))?;
             }
         }
+    }
+    if !extra.iter().any(|n| n == "socket") {
+        let socket = ScmpSyscall::from_name("socket")?;
+        // Every family number that is not allowed: the gaps between the allowed ones, and
+        // everything above the highest.
+        let allowed: Vec<u64> = ALLOWED_FAMILIES.iter().map(|(_, n)| *n).collect();
+        let highest = *allowed.iter().max().expect("non-empty");
+        for family in (0..highest).filter(|f| !allowed.contains(f)) {
+            ctx.add_rule_conditional(
+                deny,
+                socket,
+                &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, family)],
+            )
+            .with_context(|| format!("seccomp rule for socket family {family}"))?;
+        }
+        ctx.add_rule_conditional(
+            deny,
+            socket,
+            &[ScmpArgCompare::new(0, ScmpCompareOp::Greater, highest)],
+        )
+        .context("seccomp rule for socket families above AF_NETLINK")?;
+        ctx.add_rule_conditional(
+            deny,
+            socket,
+            &[
+                ScmpArgCompare::new(0, ScmpCompareOp::Equal, 16),
+                ScmpArgCompare::new(2, ScmpCompareOp::NotEqual, NETLINK_ROUTE),
+            ],
+        )
+        .context("seccomp rule for netlink protocols")?;
+        ctx.add_rule(deny, ScmpSyscall::from_name("socketcall")?)
+            .context("seccomp rule for socketcall")?;
     }
     if !extra.iter().any(|n| n == "clone3") {
         let enosys = if audit {

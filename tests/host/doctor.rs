@@ -42,12 +42,19 @@ fn doctor_cgroups() -> BTreeSet<String> {
 fn agentd_programs() -> BTreeSet<u32> {
     const NAMES: &[&str] = &[
         "connect4",
+        "connect6",
+        "sendmsg4",
+        "sendmsg6",
+        "recvmsg4",
+        "recvmsg6",
+        "getpeername4",
+        "getpeername6",
+        "sock_create",
+        "skb_egress",
         "file_open",
         "probe_lsm",
         "probe_raw_tp",
         "probe_send_signal",
-        "probe_skb",
-        "probe_sock",
     ];
     aya::programs::loaded_programs()
         .flatten()

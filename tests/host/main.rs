@@ -3,5 +3,6 @@
 //! programs and cgroups).
 
 mod doctor;
+mod egress;
 mod network;
 mod run;

@@ -255,9 +255,29 @@ pub struct TestDaemon {
     pub launch_socket: PathBuf,
 }
 
+/// How a [`TestDaemon`] is set up.
+#[derive(Default)]
+pub struct DaemonSetup<'a> {
+    /// Profiles (name, TOML text) in its profiles directory.
+    pub profiles: &'a [(&'a str, &'a str)],
+    /// Extra configuration appended to the generated file (e.g. a `[dns]` section).
+    pub extra_config: &'a str,
+    /// If set, the daemon (and so every agent) runs in a private mount namespace where
+    /// /etc/resolv.conf has this text: agents' name lookups then never depend on, or
+    /// reach, the host's resolver.
+    pub resolv_conf: Option<&'a str>,
+}
+
 impl TestDaemon {
     /// Starts a daemon whose profiles directory holds `profiles` (name, TOML text).
     pub fn start(profiles: &[(&str, &str)]) -> Self {
+        Self::with(DaemonSetup {
+            profiles,
+            ..Default::default()
+        })
+    }
+
+    pub fn with(setup: DaemonSetup<'_>) -> Self {
         require_root();
         let dir = TempDir::new("daemon");
         let mount = cgroup::cgroup2_mount().expect("cgroup2 is mounted");
@@ -267,22 +287,26 @@ impl TestDaemon {
             .join(format!("agentd-test-{}-daemon-{n}", std::process::id()));
         let profiles_dir = dir.path().join("profiles");
         std::fs::create_dir_all(&profiles_dir).unwrap();
-        for (name, text) in profiles {
+        for (name, text) in setup.profiles {
             std::fs::write(profiles_dir.join(format!("{name}.toml")), text).unwrap();
         }
         let socket = dir.path().join("agentd.sock");
         let launch_socket = dir.path().join("launch.sock");
         let config = dir.path().join("agentd.toml");
+        // A resolver port of its own, so that test daemons never share one.
+        let dns_port = 20000 + (std::process::id() * 7 + n) % 40000;
         std::fs::write(
             &config,
             format!(
                 "[daemon]\nsocket = \"{}\"\nlaunch_socket = \"{}\"\nadmin_group = \"root\"\ncgroup_root = \"{}\"\n\
-                 [agents]\nprofiles_dir = \"{}\"\ndefault_profile = \"default\"\nuser = \"nobody\"\ntmp_dir = \"{}\"\n",
+                 [agents]\nprofiles_dir = \"{}\"\ndefault_profile = \"default\"\nuser = \"nobody\"\ntmp_dir = \"{}\"\n\
+                 [dns]\nport = {dns_port}\n{}",
                 socket.display(),
                 launch_socket.display(),
                 root.display(),
                 profiles_dir.display(),
-                dir.path().join("tmp").display()
+                dir.path().join("tmp").display(),
+                if setup.extra_config.contains("[dns]") { setup.extra_config.replace("[dns]\n", "") } else { setup.extra_config.to_string() },
             ),
         )
         .unwrap();
@@ -290,11 +314,26 @@ impl TestDaemon {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let log = File::create(dir.path().join("daemon.log")).unwrap();
-        let mut cmd = Command::new(agentd_bin());
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("daemon")
-            .stdin(std::process::Stdio::null())
+        let mut cmd = match setup.resolv_conf {
+            None => {
+                let mut c = Command::new(agentd_bin());
+                c.arg("--config").arg(&config).arg("daemon");
+                c
+            }
+            Some(text) => {
+                let resolv = dir.path().join("resolv.conf");
+                std::fs::write(&resolv, text).unwrap();
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+                    .arg("mount --bind \"$1\" /etc/resolv.conf && exec \"$2\" --config \"$3\" daemon")
+                    .arg("sh")
+                    .arg(&resolv)
+                    .arg(agentd_bin())
+                    .arg(&config);
+                c
+            }
+        };
+        cmd.stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         // If the test process dies without dropping this guard (killed by a timeout), the
@@ -421,5 +460,84 @@ pub fn process_gone(pid: u32) -> bool {
             .rsplit_once(')')
             .map(|(_, rest)| rest.trim_start().starts_with('Z'))
             .unwrap_or(true),
+    }
+}
+
+/// A DNS server on loopback that answers A queries from a fixed table (NXDOMAIN for other
+/// names) and records every name it was asked for. Stops when dropped.
+pub struct FakeDns {
+    pub addr: std::net::SocketAddr,
+    pub queries: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeDns {
+    pub fn start(answers: &[(&str, std::net::Ipv4Addr)]) -> Self {
+        use hickory_proto::{
+            op::{Message, OpCode, ResponseCode},
+            rr::{RData, Record, rdata::A},
+        };
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the fake DNS server");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let answers: Vec<(String, std::net::Ipv4Addr)> =
+            answers.iter().map(|(n, a)| (n.to_string(), *a)).collect();
+        let queries = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (q, st) = (queries.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !st.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(req) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(query) = req.queries.first().cloned() else {
+                    continue;
+                };
+                let name = query
+                    .name()
+                    .to_ascii()
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase();
+                q.lock().unwrap().push(name.clone());
+                let mut r = Message::response(req.metadata.id, OpCode::Query);
+                r.metadata.recursion_available = true;
+                r.add_query(query.clone());
+                match answers.iter().find(|(n, _)| *n == name) {
+                    Some((_, a)) => r.answers.push(Record::from_rdata(
+                        query.name().clone(),
+                        30,
+                        RData::A(A(*a)),
+                    )),
+                    None => r.metadata.response_code = ResponseCode::NXDomain,
+                }
+                let _ = sock.send_to(&r.to_vec().unwrap(), from);
+            }
+        });
+        FakeDns {
+            addr,
+            queries,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Names asked so far.
+    pub fn asked(&self) -> Vec<String> {
+        self.queries.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeDns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -34,13 +34,14 @@ fn file_open_denies_the_agent_by_every_path_and_spares_others() {
     let mut kernel = ebpf::load(&root.load_config()).expect("load agentd's object");
     let entry = AgentEntry {
         file_default_allow: ACCESS_ALL,
+        policy_id: 7,
         ..Default::default()
     };
     agent::register(&mut kernel, agent_cg.id(), entry).unwrap();
     let ssh = dir.path().join("home/.ssh");
     files::set_rule(
         &mut kernel,
-        agent_cg.id(),
+        7,
         &ssh,
         FileRule {
             allow: 0,
@@ -51,7 +52,7 @@ fn file_open_denies_the_agent_by_every_path_and_spares_others() {
     // More specific than the directory's deny: README may be read.
     files::set_rule(
         &mut kernel,
-        agent_cg.id(),
+        7,
         &readme,
         FileRule {
             allow: ACCESS_READ,

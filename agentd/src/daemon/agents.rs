@@ -1,73 +1,97 @@
-//! Agents in the daemon: serving requests, preparing a launch, tearing an agent down.
+//! Agents in the daemon: preparing a launch, keeping the kernel in step with each agent's
+//! policy, changing it while the agent runs, tearing an agent down.
 //!
 //! Order of a launch, so that no instruction of the agent runs unconfined and nothing is
 //! left behind on failure: validate everything (profile, flags, user, name, workdir) →
-//! create the agent's cgroup and private tmp → register the agent and its allowlist in the
-//! kernel maps → spawn (the child joins the cgroup before anything else) → report
-//! `started`. Teardown reverses it: kill whatever is left in the cgroup, wait until it is
-//! empty, remove the kernel entries, remove the cgroup and the tmp directory.
+//! create the agent's cgroup, private tmp and resolver sockets → write its rules under a
+//! fresh policy id and register it in the kernel maps → spawn (the child joins the cgroup
+//! before anything else) → report `started`. Teardown reverses it: kill whatever is left
+//! in the cgroup, wait until it is empty, remove the kernel entries, remove the cgroup and
+//! the tmp directory.
+//!
+//! A policy change (`agentd update`) writes the new rules under a fresh policy id, then
+//! switches the agent's `AGENTS` entry to it in one map update, then removes the old
+//! rules: a program sees the whole old policy or the whole new one. Agents launched from
+//! inside the changed agent are narrowed again by its new policy.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
-    io::IoSliceMut,
+    net::{IpAddr, Ipv4Addr},
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        fd::OwnedFd,
         unix::fs::{DirBuilderExt as _, chown},
     },
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use agentd_common::{
-    agent::{AGENT_FLAG_AUDIT, AgentEntry},
-    network::{PROTO_TCP, PROTO_UDP},
-};
+use agentd_common::agent::{AGENT_FLAG_AUDIT, AgentEntry};
+use anyhow::Result;
 use ipnet::IpNet;
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-use tokio::{
-    io::{AsyncBufReadExt as _, BufReader, Interest},
-    net::UnixStream,
-};
+use tokio::{io::AsyncBufReadExt as _, io::BufReader, net::UnixStream};
 
-use super::{
-    Daemon,
-    peer::{self, Peer, Socket},
-    send,
-};
+use super::{Daemon, dns, peer::Peer, send};
 use crate::{
     agent,
     cgroup::CgroupDir,
     launcher::{self, Identity, Plan},
-    network::{self, Allowlist, Rule4},
-    policy::Policy,
-    profile::{self, Mode, Placeholders, valid_name},
+    network::{self, Allowlist},
+    policy::{Adjustments, Policy},
+    profile::{self, Mode, NetRule, Placeholders, Ports, valid_name},
     protocol::{
-        AgentInfo, EXIT_AGENTD, EXIT_POLICY, ProcessInfo, ProfileSpec, Reply, Request, RunControl,
-        RunRequest,
+        AgentInfo, EXIT_AGENTD, EXIT_POLICY, ProfileSpec, Reply, RunControl, RunRequest,
+        UpdateRequest,
     },
     seccomp,
 };
+
+/// An address learned from a DNS answer, allowed until `expires`.
+#[derive(Debug, Clone)]
+pub struct LearnedAddr {
+    pub ports: BTreeSet<Ports>,
+    pub expires: Instant,
+}
+
+/// The part of an agent that changes while it runs.
+pub struct Live {
+    /// How its profile was named (to read it again on update).
+    pub spec: ProfileSpec,
+    pub adjustments: Adjustments,
+    pub placeholders: Placeholders,
+    /// The policy asked for, before intersection with the parent's.
+    pub requested: Policy,
+    /// The policy in force.
+    pub policy: Policy,
+    /// Key prefix of its rules in the kernel maps.
+    pub policy_id: u64,
+    /// Addresses its resolver answered with.
+    pub learned: BTreeMap<IpAddr, LearnedAddr>,
+}
 
 /// A running agent.
 pub struct AgentState {
     pub name: String,
     pub id: u64,
-    pub policy: Policy,
     pub identity: Identity,
     pub parent: Option<String>,
     pub workdir: PathBuf,
     pub tmp: PathBuf,
     pub started: u64,
     pub pid: Mutex<u32>,
+    /// The agent's own resolver address (127.53.x.y).
+    pub dns_addr: Ipv4Addr,
+    pub live: Mutex<Live>,
     /// Taken by teardown.
     cgroup: Mutex<Option<CgroupDir>>,
     cgroup_path: PathBuf,
+    /// Resolver tasks, stopped by teardown.
+    resolver: Mutex<Option<dns::AgentResolver>>,
 }
 
 impl AgentState {
-    fn processes(&self) -> Vec<u32> {
+    pub fn processes(&self) -> Vec<u32> {
         self.cgroup
             .lock()
             .expect("not poisoned")
@@ -76,7 +100,8 @@ impl AgentState {
             .unwrap_or_default()
     }
 
-    fn info(&self, enforcement: &[String]) -> AgentInfo {
+    pub fn info(&self, daemon: &Daemon) -> AgentInfo {
+        let live = self.live.lock().expect("not poisoned");
         AgentInfo {
             name: self.name.clone(),
             id: self.id,
@@ -84,26 +109,28 @@ impl AgentState {
             pid: *self.pid.lock().expect("not poisoned"),
             user: self.identity.user.clone(),
             uid: self.identity.uid,
-            profile: self.policy.profile.clone(),
-            version: self.policy.version.to_string(),
-            mode: match self.policy.mode {
+            profile: live.policy.profile.clone(),
+            version: live.policy.version.to_string(),
+            mode: match live.policy.mode {
                 Mode::Enforce => "enforce".into(),
                 Mode::Audit => "audit".into(),
             },
             parent: self.parent.clone(),
             started: self.started,
             processes: self.processes().len(),
-            enforcement: enforcement.to_vec(),
+            enforcement: daemon.enforcement.clone(),
             workdir: self.workdir.clone(),
             tmp: self.tmp.clone(),
+            dns: format!("{}:{}", self.dns_addr, daemon.config.dns_port),
+            learned: live.learned.keys().map(ToString::to_string).collect(),
         }
     }
 }
 
 /// A refusal: message and the exit status the client should use.
-type Refusal = (String, i32);
+pub type Refusal = (String, i32);
 
-fn refuse(message: impl Into<String>) -> Refusal {
+pub fn refuse(message: impl Into<String>) -> Refusal {
     (message.into(), EXIT_POLICY)
 }
 
@@ -113,7 +140,7 @@ fn internal(message: impl Into<String>) -> Refusal {
 
 impl Daemon {
     /// The agent root relative to the cgroup2 mount root (as /proc/PID/cgroup shows it).
-    fn root_rel(&self) -> PathBuf {
+    pub fn root_rel(&self) -> PathBuf {
         let under_mount = self
             .root_path
             .strip_prefix(&self.mount.mount_point)
@@ -125,187 +152,13 @@ impl Daemon {
             .join(under_mount)
     }
 
-    fn agent(&self, name: &str) -> Option<Arc<AgentState>> {
+    pub fn agent(&self, name: &str) -> Option<Arc<AgentState>> {
         self.agents.lock().expect("not poisoned").get(name).cloned()
     }
-}
 
-/// Reads the first request line, with any descriptors sent alongside it.
-async fn read_request(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut data = Vec::new();
-    let mut fds = Vec::new();
-    loop {
-        stream.readable().await?;
-        let got = stream.try_io(Interest::READABLE, || {
-            let mut buf = [0u8; 16 * 1024];
-            let mut space = nix::cmsg_space!([RawFd; 3]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = recvmsg::<()>(
-                stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(std::io::Error::from)?;
-            let mut new_fds = Vec::new();
-            for c in msg.cmsgs().map_err(std::io::Error::from)? {
-                if let ControlMessageOwned::ScmRights(rights) = c {
-                    // SAFETY: the kernel just installed these descriptors for us.
-                    new_fds.extend(
-                        rights
-                            .into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
-                }
-            }
-            let n = msg.bytes;
-            Ok((buf[..n].to_vec(), new_fds))
-        });
-        match got {
-            Ok((bytes, new_fds)) => {
-                fds.extend(new_fds);
-                if bytes.is_empty() {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                data.extend_from_slice(&bytes);
-                if let Some(pos) = data.iter().position(|&b| b == b'\n') {
-                    data.truncate(pos);
-                    return Ok((data, fds));
-                }
-                if data.len() > crate::protocol::MAX_MESSAGE {
-                    return Err(std::io::Error::other("request too large"));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Serves one connection.
-pub async fn serve(daemon: Arc<Daemon>, mut stream: UnixStream, socket: Socket) {
-    let peer = match peer::identify(&stream, &daemon.root_rel()) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = send(
-                &mut stream,
-                &Reply::Error {
-                    message: format!("cannot identify the peer: {e}"),
-                    exit_code: EXIT_AGENTD,
-                },
-            )
-            .await;
-            return;
-        }
-    };
-    if let Err((message, exit_code)) = authorize(&daemon, &peer, socket) {
-        let _ = send(&mut stream, &Reply::Error { message, exit_code }).await;
-        return;
-    }
-    let (line, fds) = match read_request(&stream).await {
-        Ok(x) => x,
-        Err(_) => return,
-    };
-    let request: Request = match serde_json::from_slice(&line) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = send(
-                &mut stream,
-                &Reply::Error {
-                    message: format!("malformed request: {e}"),
-                    exit_code: EXIT_AGENTD,
-                },
-            )
-            .await;
-            return;
-        }
-    };
-    match (request, socket) {
-        (Request::Run(req), _) => run(daemon, stream, peer, *req, fds).await,
-        (Request::Ps, Socket::Control) => {
-            let agents = daemon
-                .agents
-                .lock()
-                .expect("not poisoned")
-                .values()
-                .map(|a| a.info(&daemon.enforcement))
-                .collect();
-            let _ = send(&mut stream, &Reply::Agents { agents }).await;
-        }
-        (Request::Inspect { agent }, Socket::Control) => {
-            let reply = match daemon.agent(&agent) {
-                Some(a) => Reply::Inspect {
-                    agent: Box::new(a.info(&daemon.enforcement)),
-                    policy: Box::new(a.policy.clone()),
-                    processes: a.processes().into_iter().map(process_info).collect(),
-                    counters: daemon
-                        .counters
-                        .lock()
-                        .expect("not poisoned")
-                        .get(&a.id)
-                        .cloned()
-                        .unwrap_or_default(),
-                },
-                None => Reply::Error {
-                    message: format!("no agent named `{agent}` is running"),
-                    exit_code: 1,
-                },
-            };
-            let _ = send(&mut stream, &reply).await;
-        }
-        (_, Socket::Launch) => {
-            let _ = send(
-                &mut stream,
-                &Reply::Error {
-                    message: "only `run` is served on the launch socket".into(),
-                    exit_code: EXIT_POLICY,
-                },
-            )
-            .await;
-        }
-    }
-}
-
-fn process_info(pid: u32) -> ProcessInfo {
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    let uid = fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(u32::MAX);
-    ProcessInfo { pid, comm, uid }
-}
-
-/// Who may use which socket.
-fn authorize(daemon: &Daemon, peer: &Peer, socket: Socket) -> Result<(), Refusal> {
-    match (socket, &peer.agent) {
-        (Socket::Control, Some(_)) => Err(refuse(
-            "processes inside an agent may not use agentd's control socket",
-        )),
-        (Socket::Control, None) => {
-            let admin = peer.uid == 0
-                || daemon
-                    .admin_gid
-                    .is_some_and(|g| peer.gid == g || peer.groups.contains(&g));
-            if admin {
-                Ok(())
-            } else {
-                Err(refuse(format!(
-                    "permission denied: only root and members of group `{}` may use agentd",
-                    daemon.config.admin_group
-                )))
-            }
-        }
-        (Socket::Launch, Some(name)) if !name.is_empty() && daemon.agent(name).is_some() => Ok(()),
-        (Socket::Launch, _) => Err(refuse(format!(
-            "the launch socket serves processes inside agents; use the control socket {}",
-            daemon.config.socket.display()
-        ))),
+    fn next_policy_id(&self) -> u64 {
+        self.policy_ids
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -380,31 +233,114 @@ fn load_profile(daemon: &Daemon, spec: &ProfileSpec) -> Result<profile::Profile,
     .map_err(|e| refuse(e.to_string()))
 }
 
-/// IPv4 allowlist entries of a policy (loopback included when allowed).
-fn ipv4_rules(policy: &Policy) -> Vec<Rule4> {
-    let mut rules: Vec<Rule4> = policy
-        .network
-        .allow
-        .iter()
-        .filter_map(|r| match r.net {
-            IpNet::V4(net) => Some(Rule4 {
-                net,
-                first_port: r.ports.first,
-                last_port: r.ports.last,
-                protocols: r.ports.protocols,
-            }),
-            IpNet::V6(_) => None,
-        })
-        .collect();
-    if policy.network.loopback {
-        rules.push(Rule4 {
-            net: "127.0.0.0/8".parse().expect("valid"),
-            first_port: 0,
-            last_port: u16::MAX,
-            protocols: PROTO_TCP | PROTO_UDP,
-        });
+/// The allowlist of an agent: its policy's rules, loopback if allowed, and the addresses
+/// its resolver answered with.
+pub fn allowlist_of(live: &Live) -> Result<Allowlist> {
+    let mut rules = live.policy.network.allow.clone();
+    if live.policy.network.loopback {
+        for net in ["127.0.0.0/8", "::1/128"] {
+            rules.push(NetRule {
+                net: net.parse().expect("valid"),
+                ports: Ports::ANY,
+            });
+        }
     }
-    rules
+    for (addr, learned) in &live.learned {
+        for ports in &learned.ports {
+            rules.push(NetRule {
+                net: IpNet::from(*addr),
+                ports: *ports,
+            });
+        }
+    }
+    Allowlist::compile(&rules)
+}
+
+fn entry_of(daemon: &Daemon, agent: &AgentState, live: &Live) -> AgentEntry {
+    AgentEntry {
+        flags: if live.policy.mode == Mode::Audit {
+            AGENT_FLAG_AUDIT
+        } else {
+            0
+        },
+        file_default_allow: live.policy.files.default_allow,
+        policy_id: live.policy_id,
+        dns_addr: agent.dns_addr.octets(),
+        dns_port: daemon.config.dns_port,
+        _pad: 0,
+    }
+}
+
+/// Makes the kernel match `live`. With `swap`, the rules are written under a fresh policy
+/// id and the agent's entry is switched to it in one update; without, the rules of the
+/// current id are updated in place (for learned addresses: only additions and expiries).
+pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: bool) -> Result<()> {
+    let allowlist = allowlist_of(live)?;
+    let mut kernel = daemon.kernel.lock().expect("not poisoned");
+    if !swap {
+        return network::apply(&mut kernel, live.policy_id, &allowlist);
+    }
+    let new_id = daemon.next_policy_id();
+    if let Err(e) = network::apply(&mut kernel, new_id, &allowlist) {
+        let _ = network::clear(&mut kernel, new_id);
+        return Err(e);
+    }
+    let old_id = live.policy_id;
+    live.policy_id = new_id;
+    if let Err(e) = agent::register(&mut kernel, agent.id, entry_of(daemon, agent, live)) {
+        live.policy_id = old_id;
+        let _ = network::clear(&mut kernel, new_id);
+        return Err(e);
+    }
+    if old_id != 0 {
+        network::clear(&mut kernel, old_id)?;
+    }
+    Ok(())
+}
+
+/// Adds addresses the agent's resolver answered with; they stay allowed for their TTL.
+pub fn learn(
+    daemon: &Daemon,
+    agent: &AgentState,
+    learned: &[network::resolver::Learned],
+    ports: &[Ports],
+) -> Result<()> {
+    let mut live = agent.live.lock().expect("not poisoned");
+    let now = Instant::now();
+    for l in learned {
+        let e = live.learned.entry(l.addr).or_insert_with(|| LearnedAddr {
+            ports: BTreeSet::new(),
+            expires: now,
+        });
+        e.ports.extend(ports.iter().copied());
+        e.expires = e.expires.max(now + Duration::from_secs(u64::from(l.ttl)));
+    }
+    sync_kernel(daemon, agent, &mut live, false)
+}
+
+/// Drops learned addresses whose TTL ran out.
+pub fn expire(daemon: &Daemon) {
+    let all: Vec<Arc<AgentState>> = daemon
+        .agents
+        .lock()
+        .expect("not poisoned")
+        .values()
+        .cloned()
+        .collect();
+    let now = Instant::now();
+    for a in all {
+        let mut live = a.live.lock().expect("not poisoned");
+        let before = live.learned.len();
+        live.learned.retain(|_, l| l.expires > now);
+        if live.learned.len() != before
+            && let Err(e) = sync_kernel(daemon, &a, &mut live, false)
+        {
+            eprintln!(
+                "agentd: agent {}: removing expired DNS addresses: {e:#}",
+                a.name
+            );
+        }
+    }
 }
 
 /// Everything decided and created for a launch, before the spawn.
@@ -413,6 +349,18 @@ struct Prepared {
     plan: Plan,
     /// Environment names the filter removed (reported to the client).
     removed_env: Vec<String>,
+}
+
+/// The policy an agent gets: profile, adjustments, then the parent's limits.
+fn effective(requested: &Policy, parent: Option<&AgentState>) -> Policy {
+    let mut policy = match parent {
+        Some(p) => requested.intersect(&p.live.lock().expect("not poisoned").policy, &p.name),
+        None => requested.clone(),
+    };
+    // An agent can only keep capabilities the daemon itself has.
+    let available = crate::caps::permitted();
+    policy.capabilities.retain(|c| available & (1 << c) != 0);
+    policy
 }
 
 fn prepare(
@@ -484,19 +432,14 @@ fn prepare(
             ))
         })?;
     let tmp = daemon.config.tmp_dir.join(&name);
-    let ph = Placeholders {
+    let placeholders = Placeholders {
         workdir: workdir.clone(),
         home: identity.home.clone(),
         tmp: tmp.clone(),
     };
-    let mut policy = Policy::from_profile(&profile, &ph);
-    policy.adjust(&req.adjustments).map_err(refuse)?;
-    if let Some(p) = &parent {
-        policy = policy.intersect(&p.policy, &p.name);
-    }
-    // An agent can only keep capabilities the daemon itself has.
-    let available = crate::caps::permitted();
-    policy.capabilities.retain(|c| available & (1 << c) != 0);
+    let mut requested = Policy::from_profile(&profile, &placeholders);
+    requested.adjust(&req.adjustments).map_err(refuse)?;
+    let policy = effective(&requested, parent.as_deref());
     let mut rlimits = Vec::new();
     for (k, v) in &policy.rlimits {
         rlimits.push((
@@ -508,8 +451,6 @@ fn prepare(
     let deny: Vec<String> = policy.seccomp_deny.iter().cloned().collect();
     let filter = seccomp::build(&deny, policy.mode == Mode::Audit)
         .map_err(|e| refuse(format!("seccomp: {e:#}")))?;
-    let allowlist = Allowlist::compile(&ipv4_rules(&policy))
-        .map_err(|e| refuse(format!("network.allow: {e:#}")))?;
     let keep_caps = policy.capabilities.iter().fold(0u64, |m, c| m | (1 << c));
 
     let (mut env, removed_env) = policy.filter_env(&req.env);
@@ -528,7 +469,23 @@ fn prepare(
     env.retain(|(k, _)| !overrides.contains_key(k.as_str()));
     env.extend(overrides.into_iter().map(|(k, v)| (k.to_string(), v)));
 
-    // From here on, things are created: undo them on failure.
+    let mut live = Live {
+        spec: req.profile.clone(),
+        adjustments: req.adjustments.clone(),
+        placeholders,
+        requested,
+        policy,
+        policy_id: 0,
+        learned: BTreeMap::new(),
+    };
+    // Checked before anything is created: a policy the maps cannot hold is refused.
+    allowlist_of(&live).map_err(|e| refuse(format!("network.allow: {e:#}")))?;
+
+    // From here on, things are created: each is undone if a later step fails.
+    let dns_slot = dns::Slot::take(daemon).map_err(|e| internal(format!("{e:#}")))?;
+    let dns_addr = dns_slot.addr();
+    let resolver_sockets =
+        dns::bind(dns_addr, daemon.config.dns_port).map_err(|e| internal(format!("{e:#}")))?;
     let cgroup =
         CgroupDir::create(&daemon.root_path, &name).map_err(|e| internal(format!("{e:#}")))?;
     let cleanup_tmp = |e: String| {
@@ -546,42 +503,39 @@ fn prepare(
     let cgroup_procs = launcher::open_cgroup_procs(cgroup.path())
         .map_err(|e| cleanup_tmp(format!("opening cgroup.procs: {e}")))?;
     let id = cgroup.id();
-    {
-        let mut kernel = daemon.kernel.lock().expect("not poisoned");
-        let entry = AgentEntry {
-            flags: if policy.mode == Mode::Audit {
-                AGENT_FLAG_AUDIT
-            } else {
-                0
-            },
-            file_default_allow: policy.files.default_allow,
-            policy_generation: 1,
-        };
-        let registered = agent::register(&mut kernel, id, entry)
-            .and_then(|()| network::apply(&mut kernel, id, &allowlist));
-        if let Err(e) = registered {
-            let _ = network::apply(&mut kernel, id, &Allowlist::default());
-            let _ = agent::unregister(&mut kernel, id);
-            return Err(cleanup_tmp(format!("{e:#}")));
-        }
-    }
     let cgroup_path = cgroup.path().to_path_buf();
-    let state = Arc::new(AgentState {
+    let state = AgentState {
         name,
         id,
-        policy,
         identity: identity.clone(),
         parent: parent.map(|p| p.name.clone()),
         workdir: workdir.clone(),
-        tmp,
+        tmp: tmp.clone(),
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs(),
         pid: Mutex::new(0),
+        dns_addr,
+        live: Mutex::new(Live { ..empty_live() }),
         cgroup: Mutex::new(Some(cgroup)),
         cgroup_path,
-    });
+        resolver: Mutex::new(None),
+    };
+    if let Err(e) = sync_kernel(daemon, &state, &mut live, true) {
+        let mut kernel = daemon.kernel.lock().expect("not poisoned");
+        let _ = network::clear(&mut kernel, live.policy_id);
+        let _ = agent::unregister(&mut kernel, id);
+        return Err(cleanup_tmp(format!("{e:#}")));
+    }
+    *state.live.lock().expect("not poisoned") = live;
+    let state = Arc::new(state);
+    *state.resolver.lock().expect("not poisoned") = Some(dns::start(
+        daemon.clone(),
+        state.clone(),
+        resolver_sockets,
+        dns_slot,
+    ));
     let plan = Plan {
         argv: req.argv,
         env,
@@ -600,6 +554,96 @@ fn prepare(
     })
 }
 
+fn empty_live() -> Live {
+    Live {
+        spec: ProfileSpec::Default,
+        adjustments: Adjustments::default(),
+        placeholders: Placeholders {
+            workdir: PathBuf::new(),
+            home: PathBuf::new(),
+            tmp: PathBuf::new(),
+        },
+        requested: Policy::empty(),
+        policy: Policy::empty(),
+        policy_id: 0,
+        learned: BTreeMap::new(),
+    }
+}
+
+/// `agentd update`: a new policy for a running agent (and, narrowed by it, for the agents it
+/// launched), in force at once for everything the kernel decides per operation.
+pub fn update(daemon: &Daemon, req: &UpdateRequest) -> Result<Reply, Refusal> {
+    let agent = daemon
+        .agent(&req.agent)
+        .ok_or_else(|| (format!("no agent named `{}` is running", req.agent), 1))?;
+    let parent = agent.parent.as_deref().and_then(|p| daemon.agent(p));
+    {
+        let live = agent.live.lock().expect("not poisoned");
+        let spec = req.profile.clone().unwrap_or_else(|| live.spec.clone());
+        let profile = load_profile(daemon, &spec)?;
+        let mut adjustments = live.adjustments.clone();
+        adjustments.extend(&req.adjustments);
+        if let Some(mode) = req.mode {
+            adjustments.audit = mode == Mode::Audit;
+        }
+        let mut requested = Policy::from_profile(&profile, &live.placeholders);
+        requested.adjust(&adjustments).map_err(refuse)?;
+        drop(live);
+        let policy = effective(&requested, parent.as_deref());
+        let mut live = agent.live.lock().expect("not poisoned");
+        let old = (
+            live.spec.clone(),
+            live.adjustments.clone(),
+            live.requested.clone(),
+            live.policy.clone(),
+        );
+        live.spec = spec;
+        live.adjustments = adjustments;
+        live.requested = requested;
+        live.policy = policy;
+        if let Err(e) = sync_kernel(daemon, &agent, &mut live, true) {
+            (live.spec, live.adjustments, live.requested, live.policy) = old;
+            return Err(internal(format!("the kernel kept the old policy: {e:#}")));
+        }
+    }
+    narrow_children(daemon, &agent.name);
+    let policy = agent.live.lock().expect("not poisoned").policy.clone();
+    Ok(Reply::Updated {
+        agent: Box::new(agent.info(daemon)),
+        policy: Box::new(policy),
+    })
+}
+
+/// Re-intersects the agents launched from inside `parent` with its current policy.
+fn narrow_children(daemon: &Daemon, parent: &str) {
+    let Some(p) = daemon.agent(parent) else {
+        return;
+    };
+    let children: Vec<Arc<AgentState>> = daemon
+        .agents
+        .lock()
+        .expect("not poisoned")
+        .values()
+        .filter(|a| a.parent.as_deref() == Some(parent))
+        .cloned()
+        .collect();
+    for child in children {
+        {
+            let requested = child.live.lock().expect("not poisoned").requested.clone();
+            let policy = effective(&requested, Some(&p));
+            let mut live = child.live.lock().expect("not poisoned");
+            live.policy = policy;
+            if let Err(e) = sync_kernel(daemon, &child, &mut live, true) {
+                eprintln!(
+                    "agentd: agent {}: narrowing after a change of {parent}: {e:#}",
+                    child.name
+                );
+            }
+        }
+        narrow_children(daemon, &child.name);
+    }
+}
+
 /// Kills what is left of an agent, removes its kernel entries, cgroup and tmp, and
 /// forgets it. Safe to call twice.
 pub fn teardown(daemon: &Daemon, a: &AgentState) {
@@ -611,14 +655,17 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
         // Entries are removed only once the cgroup is empty: until then a survivor would
         // be unregistered, and so denied everything (fail closed) rather than freed.
         {
+            let policy_id = a.live.lock().expect("not poisoned").policy_id;
             let mut kernel = daemon.kernel.lock().expect("not poisoned");
-            let _ = network::apply(&mut kernel, a.id, &Allowlist::default());
             let _ = agent::unregister(&mut kernel, a.id);
+            let _ = network::clear(&mut kernel, policy_id);
         }
         if let Err(e) = cgroup.remove() {
             eprintln!("agentd: agent {}: {e:#}", a.name);
         }
     }
+    // Stops the resolver tasks and frees the address.
+    drop(a.resolver.lock().expect("not poisoned").take());
     let _ = fs::remove_dir_all(&a.tmp);
     daemon.agents.lock().expect("not poisoned").remove(&a.name);
     daemon.counters.lock().expect("not poisoned").remove(&a.id);
@@ -635,17 +682,29 @@ const FORWARDED: &[i32] = &[
     libc::SIGWINCH,
 ];
 
-async fn run(
+pub async fn run(
     daemon: Arc<Daemon>,
     mut stream: UnixStream,
     peer: Peer,
     req: RunRequest,
     fds: Vec<OwnedFd>,
 ) {
-    let prepared = match prepare(&daemon, req, &peer, fds) {
-        Ok(p) => p,
-        Err((message, exit_code)) => {
+    let d = daemon.clone();
+    let prepared = match tokio::task::spawn_blocking(move || prepare(&d, req, &peer, fds)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err((message, exit_code))) => {
             let _ = send(&mut stream, &Reply::Error { message, exit_code }).await;
+            return;
+        }
+        Err(e) => {
+            let _ = send(
+                &mut stream,
+                &Reply::Error {
+                    message: format!("launch failed: {e}"),
+                    exit_code: EXIT_AGENTD,
+                },
+            )
+            .await;
             return;
         }
     };
@@ -655,11 +714,11 @@ async fn run(
         .lock()
         .expect("not poisoned")
         .insert(state.name.clone(), state.clone());
-    let removed_env = prepared.removed_env;
     let mut child = match launcher::spawn(prepared.plan) {
         Ok(c) => c,
         Err(e) => {
-            teardown(&daemon, &state);
+            let (d, s) = (daemon.clone(), state.clone());
+            let _ = tokio::task::spawn_blocking(move || teardown(&d, &s)).await;
             let _ = send(
                 &mut stream,
                 &Reply::Error {
@@ -674,11 +733,12 @@ async fn run(
     let pid = child.id().unwrap_or(0);
     *state.pid.lock().expect("not poisoned") = pid;
     let (read, mut write) = stream.into_split();
+    let info = state.info(&daemon);
     let _ = send(
         &mut write,
         &Reply::Started {
-            agent: Box::new(state.info(&daemon.enforcement)),
-            removed_env,
+            agent: Box::new(info),
+            removed_env: prepared.removed_env,
         },
     )
     .await;
@@ -707,9 +767,8 @@ async fn run(
         }
     };
     // The agent ends with its first process: kill what it left running.
-    let teardown_daemon = daemon.clone();
-    let teardown_state = state.clone();
-    let _ = tokio::task::spawn_blocking(move || teardown(&teardown_daemon, &teardown_state)).await;
+    let (d, s) = (daemon.clone(), state.clone());
+    let _ = tokio::task::spawn_blocking(move || teardown(&d, &s)).await;
     let (code, signal) = match status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt as _;

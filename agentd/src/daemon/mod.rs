@@ -12,7 +12,9 @@
 //! is that agent, whatever its uid or groups.
 
 mod agents;
+mod dns;
 mod peer;
+mod serve;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -56,6 +58,12 @@ pub struct Daemon {
     /// What enforces each area on this host, for every agent.
     pub enforcement: Vec<String>,
     pub admin_gid: Option<u32>,
+    /// Next policy id to hand out (ids are never reused).
+    pub policy_ids: std::sync::atomic::AtomicU64,
+    /// Resolver addresses in use (see [`dns::Slot`]).
+    pub dns_slots: Mutex<std::collections::BTreeSet<u16>>,
+    /// Where agents' resolvers forward allowed queries.
+    pub upstream: Vec<std::net::SocketAddr>,
 }
 
 /// Picks the agent root cgroup: the configured one; under systemd (a service with
@@ -156,15 +164,27 @@ pub async fn run(config: Config) -> Result<()> {
         .unwrap_or_default();
     let mut kernel = ebpf::load(&LoadConfig { root, offsets })?;
     let root_file = fs::File::open(&root_path)?;
-    crate::network::attach(&mut kernel, &root_file).context("attaching the egress program")?;
+    crate::network::attach(&mut kernel, &root_file).context("attaching the egress programs")?;
     let reader = EventReader::take(&mut kernel)?;
     let enforcement = vec![
         "process: seccomp filter (x86-64, i386, x32), no_new_privs, capabilities dropped"
             .to_string(),
-        "network: cgroup connect4 (IPv4); IPv6 and unconnected UDP are not enforced yet"
+        "network: cgroup connect4/6 and sendmsg4/6 (allowlist), sock_create (no raw sockets), \
+         skb egress (backstop); DNS through agentd's resolver"
             .to_string(),
         "files: not enforced yet by this version".to_string(),
     ];
+    let upstream = match &config.dns_upstream {
+        Some(list) => list.clone(),
+        None => crate::network::resolver::upstream_from_resolv_conf(
+            &fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        ),
+    };
+    if upstream.is_empty() {
+        eprintln!(
+            "agentd: no upstream DNS resolver (dns.upstream, /etc/resolv.conf): agents' allowed names will not resolve"
+        );
+    }
     let admin_gid = nix::unistd::Group::from_name(&config.admin_group)
         .ok()
         .flatten()
@@ -194,8 +214,22 @@ pub async fn run(config: Config) -> Result<()> {
         counters: Mutex::new(HashMap::new()),
         enforcement,
         admin_gid,
+        policy_ids: std::sync::atomic::AtomicU64::new(1),
+        dns_slots: Mutex::new(std::collections::BTreeSet::new()),
+        upstream,
     });
     let events_task = tokio::spawn(pump_events(daemon.clone(), reader));
+    let expiry_task = {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let d = daemon.clone();
+                let _ = tokio::task::spawn_blocking(move || agents::expire(&d)).await;
+            }
+        })
+    };
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -211,12 +245,12 @@ pub async fn run(config: Config) -> Result<()> {
         tokio::select! {
             conn = control.accept() => {
                 if let Ok((stream, _)) = conn {
-                    tokio::spawn(agents::serve(daemon.clone(), stream, peer::Socket::Control));
+                    tokio::spawn(serve::serve(daemon.clone(), stream, peer::Socket::Control));
                 }
             }
             conn = launch.accept() => {
                 if let Ok((stream, _)) = conn {
-                    tokio::spawn(agents::serve(daemon.clone(), stream, peer::Socket::Launch));
+                    tokio::spawn(serve::serve(daemon.clone(), stream, peer::Socket::Launch));
                 }
             }
             _ = term.recv() => break,
@@ -226,6 +260,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
     eprintln!("agentd: stopping: killing every agent");
     events_task.abort();
+    expiry_task.abort();
     let all: Vec<Arc<AgentState>> = daemon
         .agents
         .lock()

@@ -10,6 +10,16 @@
 //!   syscalls32               the same through `int 0x80` (the i386 entry point)
 //!   tree                     fork, double fork and setsid; report each process's cgroup,
 //!                            then wait (until killed) so they can be inspected
+//!   udp-send ADDR:PORT       send one UDP datagram "agentd-act" (unconnected sendto)
+//!   socket FAMILY TYPE PROTO create a socket (numbers, as for socket(2))
+//!   connect-loop ADDR:PORT N MS
+//!                            try to connect up to N times, MS apart; a line per try;
+//!                            stop at the first success
+//!   hold ADDR:PORT           connect, send "first", report; then for every line on
+//!                            stdin send it and report (until end of input)
+//!   dns NAME SERVER:PORT udp|tcp
+//!                            one A query for NAME, to SERVER over UDP or TCP; report the
+//!                            response code and addresses
 //!   env                      the environment
 //!   fds                      open file descriptors
 //!   sleep SECS               sleep
@@ -388,6 +398,59 @@ fn tree() -> Result<Value, Error> {
     Ok(json!({"self": {"pid": std::process::id(), "cgroup": cgroup()}, "children": procs}))
 }
 
+/// One A query; the response code and the addresses in the answer.
+fn dns_query(name: &str, server: SocketAddr, tcp: bool) -> Result<Value, Error> {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(
+        Name::from_ascii(name).map_err(Error::other)?,
+        RecordType::A,
+    ));
+    let q = m.to_vec().map_err(Error::other)?;
+    let reply = if tcp {
+        let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(&(q.len() as u16).to_be_bytes())?;
+        s.write_all(&q)?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len)?;
+        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut buf)?;
+        buf
+    } else {
+        let s = std::net::UdpSocket::bind(if server.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.send_to(&q, server)?;
+        let mut buf = vec![0u8; 4096];
+        let (n, from) = s.recv_from(&mut buf)?;
+        if from != server {
+            return Err(Error::other(format!(
+                "answer from {from}, not from {server}"
+            )));
+        }
+        buf.truncate(n);
+        buf
+    };
+    let r = Message::from_vec(&reply).map_err(Error::other)?;
+    let addrs: Vec<String> = r
+        .answers
+        .iter()
+        .filter_map(|a| match &a.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    Ok(json!({"rcode": format!("{:?}", r.metadata.response_code), "addresses": addrs}))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -440,6 +503,73 @@ fn main() {
                 // SAFETY: waits for a signal.
                 unsafe { libc::pause() };
             }
+        }
+        ["udp-send", addr] => {
+            let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+            let bind = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let r = std::net::UdpSocket::bind(bind)
+                .and_then(|s| s.send_to(b"agentd-act", addr))
+                .map(|n| json!(n));
+            report("udp-send", r);
+        }
+        ["socket", family, kind, proto] => {
+            let n = |s: &str| s.parse::<i32>().unwrap_or_else(|_| usage());
+            // SAFETY: plain socket(2); the descriptor is closed at once.
+            let fd = unsafe { libc::socket(n(family), n(kind), n(proto)) };
+            let r = if fd < 0 {
+                Err(Error::last_os_error())
+            } else {
+                unsafe { libc::close(fd) };
+                Ok(json!("created"))
+            };
+            report("socket", r);
+        }
+        ["connect-loop", addr, tries, ms] => {
+            let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+            let tries: u32 = tries.parse().unwrap_or_else(|_| usage());
+            let ms: u64 = ms.parse().unwrap_or_else(|_| usage());
+            for _ in 0..tries {
+                let r =
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+                        s.write_all(b"agentd-act")?;
+                        Ok(json!(format!("connected to {addr}")))
+                    });
+                let ok = r.is_ok();
+                report("connect", r);
+                if ok {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+        ["hold", addr] => {
+            let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+            let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => s,
+                Err(e) => return report("hold", Err(e)),
+            };
+            report("hold", s.write_all(b"first\n").map(|_| json!("sent first")));
+            let mut line = String::new();
+            while std::io::stdin()
+                .read_line(&mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                report(
+                    "send",
+                    s.write_all(line.as_bytes())
+                        .map(|_| json!(format!("sent {}", line.trim()))),
+                );
+                line.clear();
+            }
+        }
+        ["dns", name, server, proto] => {
+            let server: SocketAddr = server.parse().unwrap_or_else(|_| usage());
+            report("dns", dns_query(name, server, *proto == "tcp"));
         }
         ["env"] => report(
             "env",

@@ -18,6 +18,8 @@ pub const EVENTS_LOST_MAP: &str = "EVENTS_LOST";
 pub const EVENT_NET: u32 = 1;
 /// `EventHeader::kind`: a [`FileEvent`] follows.
 pub const EVENT_FILE: u32 = 2;
+/// `EventHeader::kind`: a [`ProcEvent`] follows.
+pub const EVENT_PROC: u32 = 3;
 
 /// `EventHeader::hook`: the kernel hook that decided.
 pub const HOOK_CONNECT4: u32 = 1;
@@ -27,6 +29,22 @@ pub const HOOK_SENDMSG4: u32 = 4;
 pub const HOOK_SENDMSG6: u32 = 5;
 pub const HOOK_SOCK_CREATE: u32 = 6;
 pub const HOOK_SKB_EGRESS: u32 = 7;
+pub const HOOK_BPRM_CHECK: u32 = 8;
+pub const HOOK_PATH_UNLINK: u32 = 9;
+pub const HOOK_PATH_MKDIR: u32 = 10;
+pub const HOOK_PATH_RMDIR: u32 = 11;
+pub const HOOK_PATH_MKNOD: u32 = 12;
+pub const HOOK_PATH_TRUNCATE: u32 = 13;
+pub const HOOK_PATH_SYMLINK: u32 = 14;
+pub const HOOK_PATH_LINK: u32 = 15;
+pub const HOOK_PATH_RENAME: u32 = 16;
+pub const HOOK_PATH_CHMOD: u32 = 17;
+pub const HOOK_PATH_CHOWN: u32 = 18;
+/// A file system call of an agent that failed with EACCES or EPERM (the Landlock path,
+/// where the kernel gives no hook of its own: see `FileEvent::syscall`).
+pub const HOOK_SYSCALL_EXIT: u32 = 19;
+pub const HOOK_PTRACE: u32 = 20;
+pub const HOOK_TASK_KILL: u32 = 21;
 
 /// `EventHeader::verdict`: the operation was refused.
 pub const VERDICT_DENY: u32 = 1;
@@ -70,16 +88,71 @@ pub struct NetEvent {
     pub addr: [u8; 16],
 }
 
+/// `FileEvent::path_kind`: `path` holds up to `EVENT_PATH_COMPONENTS` names of
+/// `EVENT_COMPONENT_LEN` bytes (NUL-padded), the file's own name first, then its parents
+/// up to the root of the mount tree, one slot per step up; `depth` of them are valid. The
+/// slot of a step across a mount point is empty (a mount's root takes the name of the
+/// directory it is mounted on).
+pub const PATH_COMPONENTS: u32 = 1;
+/// `FileEvent::path_kind`: `path` holds the path the agent passed to the system call,
+/// NUL-terminated (relative paths are relative to its working directory).
+pub const PATH_AS_GIVEN: u32 = 2;
+
 /// A file access decision.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileEvent {
     pub header: EventHeader,
-    /// `files::ACCESS_*` bits that were requested.
+    /// `files::ACCESS_*` bits that were refused.
     pub access: u32,
-    /// Kernel device number of the file (`s_dev`).
+    /// Kernel device number and inode of the file whose rules decided (for a creation:
+    /// its directory's, as the new entry has no inode yet); 0 when unknown.
     pub dev: u32,
     pub ino: u64,
+    /// `PATH_COMPONENTS` or `PATH_AS_GIVEN`.
+    pub path_kind: u32,
+    /// Valid components (`PATH_COMPONENTS`); 1 + the number of levels above them when the
+    /// walk did not reach the root within the components carried is `complete == 0`.
+    pub depth: u32,
+    /// 1 if `path` reaches the root (nothing was cut off).
+    pub complete: u32,
+    /// For `HOOK_SYSCALL_EXIT`: the x86-64 system call number, and the errno it returned.
+    pub syscall: u32,
+    pub errno: u32,
+    pub _pad: u32,
+    pub path: [u8; crate::files::EVENT_PATH_BYTES],
 }
 
-pod!(EventHeader, NetEvent, FileEvent);
+impl Default for FileEvent {
+    fn default() -> Self {
+        FileEvent {
+            header: EventHeader::default(),
+            access: 0,
+            dev: 0,
+            ino: 0,
+            path_kind: 0,
+            depth: 0,
+            complete: 0,
+            syscall: 0,
+            errno: 0,
+            _pad: 0,
+            path: [0; crate::files::EVENT_PATH_BYTES],
+        }
+    }
+}
+
+/// An agent reaching for a process outside itself: ptrace (also reading another process's
+/// /proc files such as environ or mem) or a signal.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcEvent {
+    pub header: EventHeader,
+    /// The target process (thread group id).
+    pub target_pid: u32,
+    /// HOOK_TASK_KILL: the signal; HOOK_PTRACE: the ptrace access mode bits.
+    pub signal_or_mode: u32,
+    /// The target's agent id, 0 if it is not in an agent.
+    pub target_agent: u64,
+}
+
+pod!(EventHeader, NetEvent, FileEvent, ProcEvent);

@@ -23,8 +23,15 @@ pub const ACCESS_WRITE: u32 = 1 << 1;
 pub const ACCESS_EXEC: u32 = 1 << 2;
 pub const ACCESS_ALL: u32 = ACCESS_READ | ACCESS_WRITE | ACCESS_EXEC;
 
+/// Components of a denied path an event carries (the deepest ones), and their length.
+pub const EVENT_PATH_COMPONENTS: usize = 16;
+pub const EVENT_COMPONENT_LEN: usize = 32;
+/// Bytes of path in a file event.
+pub const EVENT_PATH_BYTES: usize = EVENT_PATH_COMPONENTS * EVENT_COMPONENT_LEN;
+
 /// Deepest directory nesting the kernel walk follows from a file to the root. A file
-/// nested deeper is judged by the agent's defaults for the levels beyond.
+/// nested deeper gets only what the rules within these levels allow: the agent's
+/// defaults do not apply, since a rule further up might have refused it (fail closed).
 pub const MAX_PATH_DEPTH: u32 = 64;
 
 #[repr(C)]
@@ -48,7 +55,7 @@ pub struct FileRule {
     pub deny: u32,
 }
 
-/// Byte offsets of the kernel struct fields the file programs read, taken from the running
+/// Byte offsets of the kernel struct fields the file and process programs read, taken from the running
 /// kernel's BTF at load time (Rust eBPF objects carry no CO-RE relocations).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +74,25 @@ pub struct KernelOffsets {
     pub mount_mnt_parent: u32,
     pub mount_mnt_mountpoint: u32,
     pub vfsmount_mnt_root: u32,
+    /// `struct dentry`'s `d_name` (a `struct qstr`).
+    pub dentry_d_name: u32,
+    /// `struct qstr`'s `name` pointer and `len`.
+    pub qstr_name: u32,
+    pub qstr_len: u32,
+    /// `struct linux_binprm`'s `file`.
+    pub linux_binprm_file: u32,
+    /// The way from a task to its cgroup v2 (process programs): `task_struct.cgroups`,
+    /// `css_set.dfl_cgrp`, `cgroup.kn`, `cgroup.level`, `cgroup.self`,
+    /// `cgroup_subsys_state.parent` and `.cgroup`, `kernfs_node.id`, `task_struct.tgid`.
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub cgroup_level: u32,
+    pub cgroup_self: u32,
+    pub css_parent: u32,
+    pub css_cgroup: u32,
+    pub kernfs_node_id: u32,
+    pub task_tgid: u32,
     pub _pad: u32,
 }
 

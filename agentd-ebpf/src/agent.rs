@@ -84,3 +84,57 @@ pub fn of_skb(ctx: &SkBuffContext) -> Subject {
     }
     subject(unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level + 1) })
 }
+
+/// Deepest cgroup nesting [`agent_of_task`] climbs.
+const MAX_CGROUP_DEPTH: u32 = 32;
+
+/// The agent a task belongs to: `Some(id)` (its cgroup id), `Some(0)` for a task in the
+/// agent root itself, `None` for a task outside the root. A read fault gives `Some(0)`
+/// (treated as "not the same agent": fail closed).
+#[inline(always)]
+pub fn agent_of_task(task: *const u8) -> Option<u64> {
+    use crate::kernel::{offsets, read};
+    let off = offsets();
+    let (root, level) = root();
+    let Some(css_set) = read::<*const u8>(task, off.task_cgroups) else {
+        return Some(0);
+    };
+    let Some(mut cg) = read::<*const u8>(css_set, off.css_set_dfl_cgrp) else {
+        return Some(0);
+    };
+    let Some(mut lvl) = read::<i32>(cg, off.cgroup_level) else {
+        return Some(0);
+    };
+    if lvl <= level {
+        return None;
+    }
+    // Climb to the agent's level, one below the root.
+    let parent_of = |cg: *const u8| -> Option<*const u8> {
+        // SAFETY: the css is embedded in the cgroup at cgroup_self.
+        let css = unsafe { cg.add(off.cgroup_self as usize) };
+        let parent: *const u8 = read(css, off.css_parent)?;
+        read(parent, off.css_cgroup)
+    };
+    let mut i = 0u32;
+    while i < MAX_CGROUP_DEPTH && lvl > level + 1 {
+        let Some(p) = parent_of(cg) else {
+            return Some(0);
+        };
+        cg = p;
+        lvl -= 1;
+        i += 1;
+    }
+    if lvl != level + 1 {
+        return Some(0);
+    }
+    let id_of = |cg: *const u8| -> Option<u64> {
+        read::<u64>(read::<*const u8>(cg, off.cgroup_kn)?, off.kernfs_node_id)
+    };
+    let (Some(id), Some(parent)) = (id_of(cg), parent_of(cg)) else {
+        return Some(0);
+    };
+    match id_of(parent) {
+        Some(p) if p == root => Some(id),
+        _ => None,
+    }
+}

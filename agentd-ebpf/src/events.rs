@@ -4,7 +4,7 @@ use agentd_common::events::{EVENTS_BYTES, EventHeader};
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{PerCpuArray, RingBuf, ring_buf::RingBufEntry},
 };
 
 /// Map `EVENTS`.
@@ -58,13 +58,30 @@ pub fn header_packet(kind: u32, hook: u32, agent: u64, verdict: u32) -> EventHea
     }
 }
 
+/// Counts a record that did not fit.
+#[inline(always)]
+fn lost() {
+    if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *lost += 1 };
+    }
+}
+
+/// Reserves room for a record to be filled in place (records too big for the stack), or
+/// counts it as lost.
+#[inline(always)]
+pub fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() {
+        lost();
+    }
+    entry
+}
+
 /// Sends `record` to the daemon, or counts it as lost.
 #[inline(always)]
 pub fn emit<T>(record: &T) {
-    if EVENTS.output::<T>(record, 0).is_err()
-        && let Some(lost) = EVENTS_LOST.get_ptr_mut(0)
-    {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *lost += 1 };
+    if EVENTS.output::<T>(record, 0).is_err() {
+        lost();
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! One module per enforcement area, each the twin of the userspace module of the same name
 //! in agentd/src: [`agent`] (who is an agent), [`network`] (egress allowlist), [`files`]
-//! (file access rules), [`events`] (records for the daemon), and [`probe`] (tiny programs
-//! that `agentd doctor` loads to find out what this kernel allows).
+//! (file access rules), [`process`] (ptrace and signals across agent boundaries),
+//! [`events`] (records for the daemon), [`kernel`] (reading kernel structs at BTF
+//! offsets), and [`probe`] (tiny programs that `agentd doctor` loads to find out what this
+//! kernel allows).
 //!
 //! Rules every program here follows:
 //! - A task that is not below agentd's agent root is never affected: the first check is a
@@ -18,8 +20,10 @@
 mod agent;
 mod events;
 mod files;
+mod kernel;
 mod network;
 mod probe;
+mod process;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -27,6 +27,8 @@ pub struct RunArgs {
     pub name: Option<String>,
     pub user: Option<String>,
     pub workdir: Option<PathBuf>,
+    pub home: Option<PathBuf>,
+    pub degraded_ok: bool,
     pub adjustments: Adjustments,
     pub verbose: bool,
     pub argv: Vec<String>,
@@ -151,6 +153,8 @@ pub fn run(config: &Config, args: RunArgs) -> i32 {
         user: args.user.clone(),
         sudo_uid: std::env::var("SUDO_UID").ok().and_then(|s| s.parse().ok()),
         workdir: args.workdir.as_ref().map(|w| absolute(&cwd, w)),
+        home: args.home.as_ref().map(|h| absolute(&cwd, h)),
+        degraded_ok: args.degraded_ok,
         adjustments,
     }));
 
@@ -182,7 +186,15 @@ pub fn run(config: &Config, args: RunArgs) -> i32 {
     let mut started: Option<AgentInfo> = None;
     loop {
         match read_reply(&mut reader) {
-            Some(Reply::Started { agent, removed_env }) => {
+            Some(Reply::Started {
+                agent,
+                removed_env,
+                degraded,
+            }) => {
+                // Always said, --verbose or not: the agent is less confined than its profile.
+                for d in &degraded {
+                    eprintln!("agentd: degraded: not enforced on this host: {d}");
+                }
                 if args.verbose {
                     eprintln!(
                         "agentd: agent {} started: pid {}, user {}, profile {} {} ({}), cgroup {}",
@@ -374,12 +386,15 @@ pub fn inspect(config: &Config, name: &str, json: bool) -> i32 {
         policy,
         processes,
         counters,
+        denials,
     } = reply
     else {
         return EXIT_AGENTD;
     };
     if json {
-        let v = serde_json::json!({ "agent": agent, "policy": policy, "processes": processes, "counters": counters });
+        let v = serde_json::json!({
+            "agent": agent, "policy": policy, "processes": processes, "counters": counters, "denials": denials,
+        });
         println!(
             "{}",
             serde_json::to_string_pretty(&v).expect("serializable")
@@ -421,6 +436,17 @@ pub fn inspect(config: &Config, name: &str, json: bool) -> i32 {
         counters.dns_answered,
         counters.dns_refused
     );
+    if !denials.is_empty() {
+        println!("denials   (most recent last)");
+        for d in &denials {
+            match &d.resolved {
+                Some(r) if d.path.as_deref() != Some(r) => {
+                    println!("          {} [resolved: {r}]", d.text)
+                }
+                _ => println!("          {}", d.text),
+            }
+        }
+    }
     println!("processes {}", processes.len());
     for p in processes {
         println!("          {:>8} {:<16} uid {}", p.pid, p.comm, p.uid);

@@ -18,6 +18,9 @@
 //! [dns]
 //! upstream = "auto"                           # or ["192.0.2.53:53"]; auto: /etc/resolv.conf
 //! port = 10053                                # port of each agent's resolver (127.53.x.y)
+//!
+//! [files]
+//! enforcers = ["lsm", "landlock"]             # which file enforcers may be used, if usable
 //! ```
 //!
 //! `cgroup_root = "auto"` is `<cgroup2 mount>/agentd`, or, when the daemon runs as a
@@ -49,6 +52,9 @@ pub struct Config {
     /// Upstream DNS resolvers; `None` for "auto" (the nameservers of /etc/resolv.conf).
     pub dns_upstream: Option<Vec<std::net::SocketAddr>>,
     pub dns_port: u16,
+    /// May the daemon use BPF LSM / Landlock for file rules (when the host allows them).
+    pub use_lsm: bool,
+    pub use_landlock: bool,
 }
 
 impl Default for Config {
@@ -65,6 +71,8 @@ impl Default for Config {
             tmp_dir: "/tmp/agentd".into(),
             dns_upstream: None,
             dns_port: 10053,
+            use_lsm: true,
+            use_landlock: true,
         }
     }
 }
@@ -78,6 +86,14 @@ struct RawConfig {
     agents: RawAgents,
     #[serde(default)]
     dns: RawDns,
+    #[serde(default)]
+    files: RawFiles,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    enforcers: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -229,6 +245,19 @@ impl Config {
                     )
                 })?;
         }
+        if let Some(list) = &raw.files.enforcers {
+            c.use_lsm = false;
+            c.use_landlock = false;
+            for e in list {
+                match e.get_ref().as_str() {
+                    "lsm" => c.use_lsm = true,
+                    "landlock" => c.use_landlock = true,
+                    other => {
+                        return Err(loc.at(e.span(), format!("files.enforcers: `{other}` is not an enforcer (\"lsm\" or \"landlock\")")));
+                    }
+                }
+            }
+        }
         c.path = Some(PathBuf::from(source));
         Ok(c)
     }
@@ -290,6 +319,15 @@ mod tests {
         assert_eq!(
             e,
             "a.toml:2:16: agents.profiles_dir: `rel` is not an absolute path"
+        );
+        let c = Config::parse("[files]\nenforcers = [\"lsm\"]\n", "a.toml").unwrap();
+        assert!(c.use_lsm && !c.use_landlock);
+        let e = Config::parse("[files]\nenforcers = [\"selinux\"]\n", "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("a.toml:2:14: files.enforcers: `selinux`"),
+            "{e}"
         );
         let e = Config::parse("[metrics]\n", "a.toml")
             .unwrap_err()

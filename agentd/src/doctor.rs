@@ -403,6 +403,25 @@ fn active_lsms() -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// True if a BPF LSM program loads and attaches on this host (tried, then removed).
+pub fn bpf_lsm_usable() -> bool {
+    let Ok(btf) = aya::Btf::from_sys_fs() else {
+        return false;
+    };
+    let cfg = LoadConfig {
+        root: AgentRoot {
+            id: u64::MAX,
+            level: 0,
+        },
+        offsets: Default::default(),
+    };
+    let Ok(mut obj) = ebpf::load(&cfg) else {
+        return false;
+    };
+    let prog: Option<&mut Lsm> = obj.program_mut("probe_lsm").and_then(|p| p.try_into().ok());
+    prog.is_some_and(|p| p.load("file_open", &btf).is_ok() && p.attach().is_ok())
+}
+
 fn probe_lsm(ebpf: &mut Ebpf, btf: Option<&Btf>) -> Check {
     let name = "BPF LSM";
     let compiled_in = btf.is_some_and(|b| b.has_function("bpf_lsm_file_open"));
@@ -622,10 +641,17 @@ fn plan(r: &Report) -> Vec<Enforcement> {
     if let Some(abi) = &landlock {
         files.push(format!("Landlock ({abi})"));
     }
-    let files_note = if lsm {
-        "paths judged in the kernel per access; events for every denial".to_string()
+    let files_note = if lsm && landlock.is_some() {
+        "BPF LSM judges every access and reports every denial; Landlock, applied at launch, also covers paths created later"
+            .to_string()
+    } else if lsm {
+        "paths judged in the kernel per access; events for every denial; rules on paths that do not exist yet are not enforced"
+            .to_string()
     } else if landlock.is_some() {
-        format!("{lsm_note}: the launcher applies the file rules with Landlock before exec instead")
+        format!(
+            "{lsm_note}: the launcher applies the file rules with Landlock before exec instead; chmod and chown are not checked \
+             (agents that need it are refused unless --degraded-ok)"
+        )
     } else {
         "no file enforcer: agents cannot be confined to their file rules".to_string()
     };

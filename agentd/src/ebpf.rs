@@ -64,3 +64,68 @@ pub fn program_loaded(id: u32) -> bool {
         .flatten()
         .any(|p| p.id() == id)
 }
+
+/// One BPF LSM program as loaded: what the daemon logs at start.
+#[derive(Debug, Clone)]
+pub struct LoadedProgram {
+    pub hook: &'static str,
+    /// The kernel's program id.
+    pub id: u32,
+    /// Instructions the verifier walked (kernels >= 5.16 report it).
+    pub verified_insns: Option<u32>,
+    /// Time spent in the verifier and attaching.
+    pub took: std::time::Duration,
+}
+
+/// Loads and attaches BPF LSM programs named after their hooks.
+pub fn attach_lsm(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    hooks: &[&'static str],
+) -> Result<Vec<LoadedProgram>> {
+    let mut out = Vec::new();
+    for hook in hooks {
+        let prog: &mut aya::programs::Lsm = ebpf
+            .program_mut(hook)
+            .with_context(|| format!("the object has no {hook} program"))?
+            .try_into()?;
+        let start = std::time::Instant::now();
+        prog.load(hook, btf)
+            .with_context(|| format!("loading the {hook} BPF LSM program"))?;
+        prog.attach()
+            .with_context(|| format!("attaching the {hook} BPF LSM program"))?;
+        let verified_insns = prog
+            .info()
+            .ok()
+            .and_then(|i| i.verified_instruction_count());
+        out.push(LoadedProgram {
+            hook,
+            id: program_id(ebpf, hook)?,
+            verified_insns,
+            took: start.elapsed(),
+        });
+    }
+    Ok(out)
+}
+
+/// One line for the daemon's log: how many programs, how long, the verifier's largest walk.
+pub fn describe_loaded(programs: &[LoadedProgram]) -> String {
+    let took: std::time::Duration = programs.iter().map(|p| p.took).sum();
+    let mut line = format!(
+        "{} BPF LSM programs loaded and attached in {} ms",
+        programs.len(),
+        took.as_millis()
+    );
+    if let Some(p) = programs
+        .iter()
+        .filter(|p| p.verified_insns.is_some())
+        .max_by_key(|p| p.verified_insns)
+    {
+        line.push_str(&format!(
+            " (largest: {}, {} verified instructions)",
+            p.hook,
+            p.verified_insns.unwrap_or(0)
+        ));
+    }
+    line
+}

@@ -1,13 +1,19 @@
 //! Records from the kernel programs. Kernel twin: agentd-ebpf/src/events.rs.
+//!
+//! Every record says what was tried, by whom, and what was decided, in words a person can
+//! read without the source: `connect 203.0.113.7:443/tcp denied (agent a1, pid 7, comm
+//! curl, hook connect4)`.
 
-use std::{fmt, mem::size_of, net::Ipv4Addr};
+use std::{
+    fmt,
+    mem::size_of,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use agentd_common::{
-    events::{
-        EVENT_FILE, EVENT_NET, EVENTS_LOST_MAP, EVENTS_MAP, EventHeader, FileEvent, HOOK_CONNECT4,
-        HOOK_FILE_OPEN, NetEvent, VERDICT_AUDIT, VERDICT_DENY,
-    },
-    files::{ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE},
+    events::*,
+    files::{ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, EVENT_COMPONENT_LEN},
     network::{PROTO_TCP, PROTO_UDP},
 };
 use anyhow::{Context as _, Result};
@@ -17,10 +23,11 @@ use aya::{
 };
 
 /// A decoded kernel record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Net(NetEvent),
-    File(FileEvent),
+    File(Box<FileEvent>),
+    Proc(ProcEvent),
 }
 
 impl Event {
@@ -28,6 +35,7 @@ impl Event {
         match self {
             Event::Net(e) => &e.header,
             Event::File(e) => &e.header,
+            Event::Proc(e) => &e.header,
         }
     }
 }
@@ -46,17 +54,22 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
     let header: EventHeader = read(bytes)?;
     match header.kind {
         EVENT_NET => read(bytes).map(Event::Net),
-        EVENT_FILE => read(bytes).map(Event::File),
+        EVENT_FILE => read(bytes).map(|f| Event::File(Box::new(f))),
+        EVENT_PROC => read(bytes).map(Event::Proc),
         _ => None,
     }
 }
 
-fn comm(raw: &[u8; 16]) -> String {
+fn cstr(raw: &[u8]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
-fn verdict(v: u32) -> &'static str {
+pub fn comm(h: &EventHeader) -> String {
+    cstr(&h.comm)
+}
+
+pub fn verdict(v: u32) -> &'static str {
     match v {
         VERDICT_DENY => "denied",
         VERDICT_AUDIT => "would be denied (audit)",
@@ -64,10 +77,29 @@ fn verdict(v: u32) -> &'static str {
     }
 }
 
-fn hook(h: u32) -> &'static str {
+pub fn hook(h: u32) -> &'static str {
     match h {
         HOOK_CONNECT4 => "connect4",
+        HOOK_CONNECT6 => "connect6",
+        HOOK_SENDMSG4 => "sendmsg4",
+        HOOK_SENDMSG6 => "sendmsg6",
+        HOOK_SOCK_CREATE => "sock_create",
+        HOOK_SKB_EGRESS => "skb_egress",
         HOOK_FILE_OPEN => "file_open",
+        HOOK_BPRM_CHECK => "bprm_check_security",
+        HOOK_PATH_UNLINK => "path_unlink",
+        HOOK_PATH_MKDIR => "path_mkdir",
+        HOOK_PATH_RMDIR => "path_rmdir",
+        HOOK_PATH_MKNOD => "path_mknod",
+        HOOK_PATH_TRUNCATE => "path_truncate",
+        HOOK_PATH_SYMLINK => "path_symlink",
+        HOOK_PATH_LINK => "path_link",
+        HOOK_PATH_RENAME => "path_rename",
+        HOOK_PATH_CHMOD => "path_chmod",
+        HOOK_PATH_CHOWN => "path_chown",
+        HOOK_SYSCALL_EXIT => "sys_exit",
+        HOOK_PTRACE => "ptrace_access_check",
+        HOOK_TASK_KILL => "task_kill",
         _ => "unknown hook",
     }
 }
@@ -86,34 +118,203 @@ pub fn access_names(access: u32) -> String {
     names.join("+")
 }
 
+/// The destination of a network record.
+pub fn net_addr(e: &NetEvent) -> IpAddr {
+    if e.family == 10 {
+        IpAddr::V6(Ipv6Addr::from(e.addr))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3]))
+    }
+}
+
+/// The path of a file record: rebuilt from the names the kernel walked (LSM hooks), or as
+/// the agent gave it to the system call (the Landlock path's `sys_exit` reports).
+pub fn file_path(e: &FileEvent) -> String {
+    match e.path_kind {
+        PATH_COMPONENTS => {
+            let names: Vec<String> = e
+                .path
+                .chunks(EVENT_COMPONENT_LEN)
+                .take(e.depth as usize)
+                .map(cstr)
+                // The slot of a mount's root stays empty: its name is the mount point's.
+                .filter(|name| !name.is_empty())
+                .collect();
+            let mut parts: Vec<&str> = names.iter().rev().map(String::as_str).collect();
+            if e.complete == 0 {
+                parts.insert(0, "…");
+            }
+            format!("/{}", parts.join("/"))
+        }
+        PATH_AS_GIVEN => cstr(&e.path),
+        _ => String::new(),
+    }
+}
+
+/// Resolves a path given to a system call by process `pid` the way the kernel did, as far
+/// as the process can still be seen: relative to its working directory, with
+/// `/proc/self` meaning that process. `None` if it cannot be resolved any more.
+pub fn resolve_given(pid: u32, given: &str) -> Option<PathBuf> {
+    // Agents share the host's root (they cannot chroot), so a path through a process's
+    // root directory needs no live process.
+    if let Some(rest) = strip_proc_root(given) {
+        return resolve_given(pid, &format!("/{rest}"));
+    }
+    let base = if given.starts_with('/') {
+        PathBuf::from(given.replacen("/proc/self/", &format!("/proc/{pid}/"), 1))
+    } else {
+        std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .ok()?
+            .join(given)
+    };
+    std::fs::canonicalize(&base).ok().or_else(|| {
+        // A file that does not exist (a denied create): resolve its directory.
+        let parent = std::fs::canonicalize(base.parent()?).ok()?;
+        Some(parent.join(base.file_name()?))
+    })
+}
+
+/// `rest` of `/proc/self/root/rest` or `/proc/<pid>/root/rest`.
+fn strip_proc_root(given: &str) -> Option<&str> {
+    let after = given.strip_prefix("/proc/")?;
+    let (who, rest) = after.split_once('/')?;
+    if who != "self" && !who.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let rest = rest.strip_prefix("root")?;
+    if rest.is_empty() {
+        return Some("");
+    }
+    rest.strip_prefix('/')
+}
+
+fn syscall_name(nr: u32) -> &'static str {
+    match nr {
+        2 => "open",
+        85 => "creat",
+        59 => "execve",
+        87 => "unlink",
+        82 => "rename",
+        86 => "link",
+        83 => "mkdir",
+        84 => "rmdir",
+        76 => "truncate",
+        90 => "chmod",
+        92 => "chown",
+        94 => "lchown",
+        88 => "symlink",
+        257 => "openat",
+        437 => "openat2",
+        322 => "execveat",
+        263 => "unlinkat",
+        264 => "renameat",
+        316 => "renameat2",
+        265 => "linkat",
+        258 => "mkdirat",
+        268 => "fchmodat",
+        452 => "fchmodat2",
+        260 => "fchownat",
+        266 => "symlinkat",
+        _ => "syscall",
+    }
+}
+
+fn file_verb(e: &FileEvent) -> String {
+    match e.header.hook {
+        HOOK_FILE_OPEN => format!("open for {}", access_names(e.access)),
+        HOOK_BPRM_CHECK => "exec".into(),
+        HOOK_PATH_UNLINK => "unlink".into(),
+        HOOK_PATH_RMDIR => "rmdir".into(),
+        HOOK_PATH_MKDIR => "mkdir in".into(),
+        HOOK_PATH_MKNOD => "create in".into(),
+        HOOK_PATH_SYMLINK => "symlink in".into(),
+        HOOK_PATH_TRUNCATE => "truncate".into(),
+        HOOK_PATH_CHMOD => "chmod".into(),
+        HOOK_PATH_CHOWN => "chown".into(),
+        HOOK_PATH_LINK => "hard-link".into(),
+        HOOK_PATH_RENAME => "rename".into(),
+        HOOK_SYSCALL_EXIT => syscall_name(e.syscall).into(),
+        _ => "access".into(),
+    }
+}
+
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let h = self.header();
         match self {
+            Event::Net(e) if h.hook == HOOK_SOCK_CREATE => {
+                write!(
+                    f,
+                    "socket(family {}, type {}, protocol {}) {}",
+                    e.family,
+                    e.sock_type,
+                    e.port,
+                    verdict(h.verdict)
+                )?;
+            }
             Event::Net(e) => {
                 let proto = match e.protocol {
                     PROTO_TCP => "tcp",
                     PROTO_UDP => "udp",
-                    _ => "?",
+                    _ => "ip",
                 };
-                let addr = Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3]);
+                let verb = match h.hook {
+                    HOOK_SENDMSG4 | HOOK_SENDMSG6 => "send",
+                    HOOK_SKB_EGRESS => "packet",
+                    _ => "connect",
+                };
+                let dest = match net_addr(e) {
+                    IpAddr::V4(a) => format!("{a}:{}", e.port),
+                    IpAddr::V6(a) => format!("[{a}]:{}", e.port),
+                };
+                write!(f, "{verb} {dest}/{proto} {}", verdict(h.verdict))?;
+            }
+            Event::File(e) if h.hook == HOOK_SYSCALL_EXIT => {
                 write!(
                     f,
-                    "connect {addr}:{}/{proto} {}",
-                    e.port,
-                    verdict(h.verdict)
+                    "{} {} failed with errno {}",
+                    file_verb(e),
+                    file_path(e),
+                    e.errno
                 )?;
             }
             Event::File(e) => {
                 write!(
                     f,
-                    "open {} of inode {} on device {}:{} {}",
-                    access_names(e.access),
-                    e.ino,
-                    e.dev >> 20,
-                    e.dev & 0xfffff,
+                    "{} {} {}",
+                    file_verb(e),
+                    file_path(e),
                     verdict(h.verdict)
                 )?;
+            }
+            Event::Proc(e) => {
+                let whose = if e.target_agent == 0 {
+                    "outside any agent".to_string()
+                } else {
+                    format!("of agent {}", e.target_agent)
+                };
+                if h.hook == HOOK_TASK_KILL {
+                    write!(
+                        f,
+                        "signal {} to pid {} ({whose}) {}",
+                        e.signal_or_mode,
+                        e.target_pid,
+                        verdict(h.verdict)
+                    )?;
+                } else {
+                    // PTRACE_MODE_READ 0x01, PTRACE_MODE_ATTACH 0x02
+                    let what = if e.signal_or_mode & 0x02 != 0 {
+                        "ptrace attach to"
+                    } else {
+                        "read the process files of"
+                    };
+                    write!(
+                        f,
+                        "{what} pid {} ({whose}) {}",
+                        e.target_pid,
+                        verdict(h.verdict)
+                    )?;
+                }
             }
         }
         write!(
@@ -121,7 +322,7 @@ impl fmt::Display for Event {
             " (agent {}, pid {}, comm {}, hook {})",
             h.agent,
             h.pid,
-            comm(&h.comm),
+            comm(h),
             hook(h.hook)
         )
     }
@@ -179,25 +380,31 @@ mod tests {
         unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
-    #[test]
-    fn decodes_and_describes_a_denied_connect() {
+    fn header(kind: u32, hook: u32) -> EventHeader {
         let mut comm = [0u8; 16];
         comm[..3].copy_from_slice(b"act");
+        EventHeader {
+            kind,
+            hook,
+            agent: 42,
+            pid: 7,
+            tid: 7,
+            comm,
+            verdict: VERDICT_DENY,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decodes_and_describes_network_records() {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[127, 0, 0, 1]);
         let e = NetEvent {
-            header: EventHeader {
-                kind: EVENT_NET,
-                hook: HOOK_CONNECT4,
-                agent: 42,
-                pid: 7,
-                tid: 7,
-                comm,
-                verdict: VERDICT_DENY,
-                ..Default::default()
-            },
+            header: header(EVENT_NET, HOOK_CONNECT4),
             family: 2,
             port: 4444,
             protocol: PROTO_TCP,
-            addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            addr,
             ..Default::default()
         };
         let decoded = decode(&bytes_of(&e)).unwrap();
@@ -205,6 +412,56 @@ mod tests {
         assert_eq!(
             decoded.to_string(),
             "connect 127.0.0.1:4444/tcp denied (agent 42, pid 7, comm act, hook connect4)"
+        );
+        let v6 = NetEvent {
+            header: header(EVENT_NET, HOOK_SENDMSG6),
+            family: 10,
+            port: 53,
+            protocol: PROTO_UDP,
+            addr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+            ..Default::default()
+        };
+        assert!(
+            Event::Net(v6)
+                .to_string()
+                .starts_with("send [2001:db8::1]:53/udp denied")
+        );
+    }
+
+    #[test]
+    fn file_paths_are_rebuilt_from_components() {
+        let mut e = FileEvent {
+            header: header(EVENT_FILE, HOOK_FILE_OPEN),
+            access: ACCESS_READ,
+            path_kind: PATH_COMPONENTS,
+            ..Default::default()
+        };
+        // "home" is a mount of its own here: the slot of the mount's root stays empty.
+        for (i, name) in ["id_ed25519", ".ssh", "u", "", "home"].iter().enumerate() {
+            e.path[i * EVENT_COMPONENT_LEN..i * EVENT_COMPONENT_LEN + name.len()]
+                .copy_from_slice(name.as_bytes());
+        }
+        e.depth = 5;
+        e.complete = 1;
+        let text = decode(&bytes_of(&e)).unwrap().to_string();
+        assert_eq!(
+            text,
+            "open for read /home/u/.ssh/id_ed25519 denied (agent 42, pid 7, comm act, hook file_open)"
+        );
+        e.complete = 0;
+        assert_eq!(file_path(&e), "/…/home/u/.ssh/id_ed25519");
+        let mut given = FileEvent {
+            header: header(EVENT_FILE, HOOK_SYSCALL_EXIT),
+            path_kind: PATH_AS_GIVEN,
+            syscall: 257,
+            errno: 13,
+            ..Default::default()
+        };
+        given.path[..11].copy_from_slice(b"/etc/shadow");
+        assert!(
+            Event::File(Box::new(given))
+                .to_string()
+                .starts_with("openat /etc/shadow failed with errno 13")
         );
     }
 
@@ -225,5 +482,25 @@ mod tests {
         };
         assert!(decode(&bytes_of(&unknown)).is_none());
         assert!(matches!(decode(&b), Some(Event::File(_))));
+    }
+
+    #[test]
+    fn given_paths_resolve_like_the_process_saw_them() {
+        let me = std::process::id();
+        assert_eq!(
+            resolve_given(me, "/proc/self/root/etc/hostname"),
+            Some(PathBuf::from("/etc/hostname"))
+        );
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            resolve_given(me, "Cargo.toml"),
+            Some(std::fs::canonicalize(cwd.join("Cargo.toml")).unwrap())
+        );
+        assert_eq!(resolve_given(me, "/nonexistent-dir/x"), None);
+        assert_eq!(
+            resolve_given(4_000_000, "/proc/4000000/root/etc/hostname"),
+            Some(PathBuf::from("/etc/hostname"))
+        );
+        assert_eq!(strip_proc_root("/proc/self/rootx/a"), None);
     }
 }

@@ -10,8 +10,9 @@
 //!    user's shell), 3. no_new_privs, 4. drop the capability bounding set and the ambient
 //!    set (except kept capabilities), 5. setgroups/setgid/setuid, 6. set the remaining
 //!    capability sets to the kept ones (usually none), 7. resource limits, 8. mark every
-//!    inherited descriptor above 2 close-on-exec, 9. install the seccomp filter; then exec
-//!    with the filtered environment.
+//!    inherited descriptor above 2 close-on-exec, 9. restrict itself with the Landlock
+//!    ruleset (where the file rules are applied that way), 10. install the seccomp
+//!    filter; then exec with the filtered environment.
 
 use std::{
     fs::File,
@@ -40,6 +41,7 @@ pub enum Step {
     RaiseAmbient,
     ResourceLimits,
     CloseDescriptors,
+    Landlock,
     Seccomp,
 }
 
@@ -60,6 +62,7 @@ impl Step {
             RaiseAmbient,
             ResourceLimits,
             CloseDescriptors,
+            Landlock,
             Seccomp,
         ]
         .into_iter()
@@ -83,6 +86,7 @@ impl Step {
                 "setting resource limits (a limit above the daemon's hard limit cannot be raised)"
             }
             Step::CloseDescriptors => "closing inherited file descriptors",
+            Step::Landlock => "applying the file rules with Landlock",
             Step::Seccomp => "installing the seccomp filter",
         }
     }
@@ -112,6 +116,8 @@ pub struct Plan {
     /// (RLIMIT_* number, value; `u64::MAX` = unlimited).
     pub rlimits: Vec<(u32, u64)>,
     pub seccomp: seccomp::Filter,
+    /// The Landlock ruleset to restrict the agent with, if the file rules use Landlock.
+    pub landlock: Option<OwnedFd>,
     pub stdio: [OwnedFd; 3],
 }
 
@@ -202,6 +208,7 @@ fn child_steps(
     identity: &Identity,
     keep_caps: u64,
     rlimits: &[(u32, u64)],
+    landlock: Option<RawFd>,
     filter: &seccomp::Filter,
 ) -> io::Result<()> {
     let fail = |step: Step| -> io::Error {
@@ -309,6 +316,11 @@ fn child_steps(
             return Err(fail(Step::CloseDescriptors));
         }
     }
+    if let Some(fd) = landlock
+        && crate::files::landlock::restrict_self(fd).is_err()
+    {
+        return Err(fail(Step::Landlock));
+    }
     if filter.install().is_err() {
         return Err(fail(Step::Seccomp));
     }
@@ -350,13 +362,19 @@ pub fn spawn(plan: Plan) -> Result<tokio::process::Child, LaunchError> {
     let keep_caps = plan.keep_caps;
     let rlimits = plan.rlimits.clone();
     let filter = plan.seccomp;
+    let landlock = plan.landlock.as_ref().map(|fd| fd.as_raw_fd());
     // SAFETY: the closure only makes system calls (see child_steps).
     unsafe {
-        cmd.pre_exec(move || child_steps(procs, report, &identity, keep_caps, &rlimits, &filter));
+        cmd.pre_exec(move || {
+            child_steps(
+                procs, report, &identity, keep_caps, &rlimits, landlock, &filter,
+            )
+        });
     }
     let spawned = cmd.spawn();
     drop(report_write);
     drop(plan.cgroup_procs);
+    drop(plan.landlock);
     match spawned {
         Ok(child) => Ok(child),
         Err(error) => {

@@ -7,6 +7,7 @@
 //! - [`agent`]: agent registration (kernel: `agent.rs`)
 //! - [`network`]: egress allowlist (kernel: `network.rs`)
 //! - [`files`]: file access rules (kernel: `files.rs`)
+//! - [`process`]: ptrace and signals across agent boundaries (kernel: `process.rs`)
 //! - [`events`]: records from the kernel (kernel: `events.rs`)
 //! - [`doctor`]: what this host can enforce (kernel: `probe.rs`)
 //!
@@ -27,6 +28,7 @@ pub mod files;
 pub mod launcher;
 pub mod network;
 pub mod policy;
+pub mod process;
 pub mod profile;
 pub mod protocol;
 pub mod seccomp;

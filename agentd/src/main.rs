@@ -124,6 +124,13 @@ struct RunCmd {
     /// The agent's working directory, {workdir} in profiles [default: the current directory]
     #[arg(long, value_name = "DIR")]
     workdir: Option<PathBuf>,
+    /// The agent's home, {home} in profiles and HOME [default: its user's home]
+    #[arg(long, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Start even if this host cannot enforce all of the profile's rules (each rule that
+    /// is not enforced is printed)
+    #[arg(long)]
+    degraded_ok: bool,
     /// Say what agentd did (agent name, pid, removed environment, exit)
     #[arg(short, long)]
     verbose: bool,
@@ -333,6 +340,8 @@ fn main() -> ExitCode {
                     name: r.name,
                     user: r.user,
                     workdir: r.workdir,
+                    home: r.home,
+                    degraded_ok: r.degraded_ok,
                     adjustments: Adjustments {
                         allow_net: r.allow_net,
                         allow_host: r.allow_host,

@@ -57,6 +57,10 @@ pub struct RunRequest {
     /// SUDO_UID of the client, if set (the default user).
     pub sudo_uid: Option<u32>,
     pub workdir: Option<PathBuf>,
+    /// The agent's home ({home} in profiles, HOME) instead of its user's.
+    pub home: Option<PathBuf>,
+    /// Start even if this host cannot enforce all of the policy (and say what is not).
+    pub degraded_ok: bool,
     pub adjustments: Adjustments,
 }
 
@@ -101,10 +105,27 @@ pub struct ProcessInfo {
     pub uid: u32,
 }
 
+/// A recent denial (or would-be denial) of an agent, as `inspect` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Denial {
+    pub hook: String,
+    pub verdict: String,
+    /// The whole event in words.
+    pub text: String,
+    /// For file events: the path (from the kernel's walk, or as the agent gave it).
+    pub path: Option<String>,
+    /// For a path as given: resolved as the agent's process saw it, if it still could be.
+    pub resolved: Option<String>,
+    pub pid: u32,
+    pub comm: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counters {
     pub net_denied: u64,
     pub file_denied: u64,
+    /// ptrace and signals to processes outside the agent.
+    pub process_denied: u64,
     pub would_deny: u64,
     /// DNS queries answered by forwarding (allowed names).
     pub dns_answered: u64,
@@ -118,6 +139,8 @@ pub enum Reply {
     Started {
         agent: Box<AgentInfo>,
         removed_env: Vec<String>,
+        /// Parts of the policy this host does not enforce (started with --degraded-ok).
+        degraded: Vec<String>,
     },
     /// `status` is what a shell reports: the exit code, or 128 + signal.
     Exited {
@@ -136,6 +159,8 @@ pub enum Reply {
         policy: Box<Policy>,
         processes: Vec<ProcessInfo>,
         counters: Counters,
+        /// Recent denials, oldest first.
+        denials: Vec<Denial>,
     },
     Updated {
         agent: Box<AgentInfo>,

@@ -4,5 +4,6 @@
 
 mod doctor;
 mod egress;
+mod files;
 mod network;
 mod run;

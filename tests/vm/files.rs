@@ -115,7 +115,9 @@ fn file_open_denies_the_agent_by_every_path_and_spares_others() {
     drop(reader);
     drop(kernel);
     assert!(
-        wait_until(Duration::from_secs(5), || !ebpf::program_loaded(prog_id)),
+        wait_until(Duration::from_secs(5), || prog_id
+            .iter()
+            .all(|p| !ebpf::program_loaded(p.id))),
         "file_open still loaded"
     );
     act_in(&act, Some(&agent_cg), &["open", s, "read"]).assert_ok();
@@ -138,4 +140,150 @@ fn an_unregistered_cgroup_below_the_root_opens_nothing() {
         .expect_err("a process in an unregistered cgroup below the root ran a program");
     assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
     act_in(&act, None, &["open", f.to_str().unwrap(), "read"]).assert_ok();
+}
+
+#[test]
+fn the_default_profile_on_bpf_lsm_alone_reports_from_the_hooks() {
+    require_vm();
+    use crate::host_files::{Bystander, DEFAULT_PROFILE, check, outside, run_scenario};
+    use agentd_tests::{DaemonSetup, TestDaemon};
+    let d = TestDaemon::with(DaemonSetup {
+        profiles: &[("default", DEFAULT_PROFILE)],
+        extra_config: "[files]\nenforcers = [\"lsm\"]\n",
+        ..Default::default()
+    });
+    let dir = TempDir::new("lsm-files");
+    // Inode rules cannot cover paths that do not exist yet (the profile names many, such
+    // as ~/.aws): without Landlock beside it, the launch is refused and says which.
+    let refused = d.run(&["--profile", "default", "--user", "root", "--", "/bin/true"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("paths that do not exist yet")
+            && err.contains("/.aws")
+            && err.contains("--degraded-ok"),
+        "{err}"
+    );
+    assert!(
+        d.agent_cgroups().is_empty(),
+        "a refused launch leaves nothing behind"
+    );
+    let other = Bystander::start();
+    let (steps, denials) = run_scenario(&d, &dir, "lsm-files", &["--degraded-ok"], &other);
+    check(&dir, &steps, &denials, &other);
+    outside(&dir, &other);
+    let hooks: Vec<&str> = denials
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["hook"].as_str())
+        .collect();
+    assert!(
+        !hooks.contains(&"sys_exit"),
+        "with BPF LSM alone every denial comes from an LSM hook: {hooks:?}"
+    );
+    for hook in [
+        "file_open",
+        "bprm_check_security",
+        "path_mknod",
+        "path_link",
+        "path_rename",
+        "ptrace_access_check",
+    ] {
+        assert!(hooks.contains(&hook), "no denial from {hook}: {hooks:?}");
+    }
+}
+
+/// Average in-kernel time of one `file_open` run while the agent opens `target` `n` times.
+fn file_open_ns(
+    act: &std::path::Path,
+    agent: &agentd::cgroup::CgroupDir,
+    prog_id: u32,
+    target: &str,
+    n: u32,
+) -> f64 {
+    let info = || {
+        aya::programs::loaded_programs()
+            .flatten()
+            .find(|p| p.id() == prog_id)
+            .expect("file_open is loaded")
+    };
+    let before = info();
+    act_in(act, Some(agent), &["open-many", target, &n.to_string()]).assert_ok();
+    let after = info();
+    let runs = after.run_count() - before.run_count();
+    assert!(
+        runs >= u64::from(n),
+        "file_open ran {runs} times for {n} opens: are run-time stats on?"
+    );
+    (after.run_time() - before.run_time()).as_nanos() as f64 / runs as f64
+}
+
+/// Rules are found by hash lookups on the inodes of the opened path's components, so the
+/// cost of an open depends on the path's depth, never on how many rules a policy has. The
+/// agent switches between a policy with 1 rule and one with 1,000 (the same rule plus 999
+/// on other files); the kernel's own per-program run-time stats measure file_open.
+/// The bound is loose on purpose: a scan over the rules would cost hundreds of times more.
+#[test]
+fn file_open_cost_does_not_grow_with_the_rule_count() {
+    require_vm();
+    let root = TestRoot::new("file-rules-scale");
+    let agent_cg = root.child("agent");
+    let dir = TempDir::new("files-scale");
+    let target = dir.write("a/b/c/d/e/target.txt", "x");
+    let act = act_bin!();
+    let mut kernel = ebpf::load(&root.load_config()).unwrap();
+    let read_only = FileRule {
+        allow: ACCESS_READ,
+        deny: ACCESS_WRITE,
+    };
+    files::set_rule(&mut kernel, 1, &dir.path().join("a/b"), read_only).unwrap();
+    files::set_rule(&mut kernel, 2, &dir.path().join("a/b"), read_only).unwrap();
+    for i in 0..999 {
+        let f = dir.write(&format!("many/{i}"), "");
+        files::set_rule(
+            &mut kernel,
+            2,
+            &f,
+            FileRule {
+                allow: 0,
+                deny: ACCESS_ALL,
+            },
+        )
+        .unwrap();
+    }
+    let btf = aya::Btf::from_sys_fs().unwrap();
+    let loaded = files::attach(&mut kernel, &btf).unwrap();
+    let prog_id = loaded.iter().find(|p| p.hook == "file_open").unwrap().id;
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let t = target.to_str().unwrap();
+    let (mut one, mut thousand) = (Vec::new(), Vec::new());
+    // Alternate, so that drift of the machine hits both sides alike.
+    for _ in 0..5 {
+        for (policy, out) in [(1, &mut one), (2, &mut thousand)] {
+            let entry = AgentEntry {
+                file_default_allow: ACCESS_READ | agentd_common::files::ACCESS_EXEC,
+                policy_id: policy,
+                ..Default::default()
+            };
+            agent::register(&mut kernel, agent_cg.id(), entry).unwrap();
+            out.push(file_open_ns(&act, &agent_cg, prog_id, t, 20_000));
+        }
+    }
+    // The rules hold: writing the target is refused under both policies.
+    act_in(&act, Some(&agent_cg), &["open", t, "write"]).assert_errno(libc::EACCES);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (one, thousand) = (median(&mut one), median(&mut thousand));
+    let ratio = thousand / one;
+    eprintln!(
+        "file_open, path depth {}: 1 rule {one:.0} ns/run, 1,000 rules {thousand:.0} ns/run, ratio {ratio:.2}",
+        target.components().count() - 1
+    );
+    assert!(
+        ratio < 2.0,
+        "file_open with 1,000 rules costs {ratio:.2} times as much as with 1"
+    );
 }

@@ -3,6 +3,10 @@
 
 mod doctor;
 mod files;
+// The file rules through the daemon: the same scenario as on the host, here with both
+// BPF LSM and Landlock.
+#[path = "../host/files.rs"]
+mod host_files;
 // The egress pipeline runs on the VM kernels too: same programs, other kernels.
 #[path = "../host/network.rs"]
 mod network;

@@ -146,7 +146,7 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
+# /tmp stays on the root file system, as /etc: tests hard-link between them.
 mount -t securityfs none /sys/kernel/security
 mount -t cgroup2 none /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
@@ -193,7 +193,16 @@ pub fn build_initramfs(filter: Option<&str>, shell: bool) -> Result<PathBuf> {
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
     )?;
-    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    fs::write(
+        root.join("etc/group"),
+        "root:x:0:\nnogroup:x:65534:\nshadow:x:42:\n",
+    )?;
+    // A secret for the file tests to protect (root-readable by its mode, as on the host).
+    fs::write(
+        root.join("etc/shadow"),
+        "root:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n",
+    )?;
+    fs::set_permissions(root.join("etc/shadow"), fs::Permissions::from_mode(0o640))?;
     fs::write(root.join("agentd/args"), filter.unwrap_or(""))?;
     if shell {
         fs::write(root.join("agentd/shell"), "")?;

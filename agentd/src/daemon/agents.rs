@@ -20,14 +20,17 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     os::{
         fd::OwnedFd,
-        unix::fs::{DirBuilderExt as _, chown},
+        unix::fs::{DirBuilderExt as _, MetadataExt as _, chown},
     },
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use agentd_common::agent::{AGENT_FLAG_AUDIT, AgentEntry};
+use agentd_common::{
+    agent::{AGENT_FLAG_AUDIT, AgentEntry},
+    files::{ACCESS_ALL, ACCESS_WRITE},
+};
 use anyhow::Result;
 use ipnet::IpNet;
 use tokio::{io::AsyncBufReadExt as _, io::BufReader, net::UnixStream};
@@ -36,6 +39,7 @@ use super::{Daemon, dns, peer::Peer, send};
 use crate::{
     agent,
     cgroup::CgroupDir,
+    files,
     launcher::{self, Identity, Plan},
     network::{self, Allowlist},
     policy::{Adjustments, Policy},
@@ -280,9 +284,22 @@ pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: b
     if !swap {
         return network::apply(&mut kernel, live.policy_id, &allowlist);
     }
+    let lsm = daemon.file_enforcers.lsm;
     let new_id = daemon.next_policy_id();
-    if let Err(e) = network::apply(&mut kernel, new_id, &allowlist) {
+    let written = network::apply(&mut kernel, new_id, &allowlist).and_then(|()| {
+        if lsm {
+            files::apply(
+                &mut kernel,
+                new_id,
+                &files::InodeRules::of(&live.policy.files),
+            )
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = written {
         let _ = network::clear(&mut kernel, new_id);
+        let _ = files::clear(&mut kernel, new_id);
         return Err(e);
     }
     let old_id = live.policy_id;
@@ -290,10 +307,14 @@ pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: b
     if let Err(e) = agent::register(&mut kernel, agent.id, entry_of(daemon, agent, live)) {
         live.policy_id = old_id;
         let _ = network::clear(&mut kernel, new_id);
+        let _ = files::clear(&mut kernel, new_id);
         return Err(e);
     }
     if old_id != 0 {
         network::clear(&mut kernel, old_id)?;
+        if lsm {
+            files::clear(&mut kernel, old_id)?;
+        }
     }
     Ok(())
 }
@@ -349,10 +370,12 @@ struct Prepared {
     plan: Plan,
     /// Environment names the filter removed (reported to the client).
     removed_env: Vec<String>,
+    /// What of its policy this host does not enforce (started with --degraded-ok).
+    degraded: Vec<String>,
 }
 
 /// The policy an agent gets: profile, adjustments, then the parent's limits.
-fn effective(requested: &Policy, parent: Option<&AgentState>) -> Policy {
+fn effective(daemon: &Daemon, requested: &Policy, parent: Option<&AgentState>) -> Policy {
     let mut policy = match parent {
         Some(p) => requested.intersect(&p.live.lock().expect("not poisoned").policy, &p.name),
         None => requested.clone(),
@@ -360,6 +383,10 @@ fn effective(requested: &Policy, parent: Option<&AgentState>) -> Policy {
     // An agent can only keep capabilities the daemon itself has.
     let available = crate::caps::permitted();
     policy.capabilities.retain(|c| available & (1 << c) != 0);
+    // agentd's own files, bpffs and the cgroup file systems are never writable.
+    for p in &daemon.protected {
+        policy.files.add(p, 0, ACCESS_WRITE);
+    }
     policy
 }
 
@@ -397,9 +424,31 @@ fn prepare(
                     )));
                 }
             }
+            if req.home.as_ref().is_some_and(|h| *h != p.identity.home) {
+                return Err(refuse(format!(
+                    "--home: an agent launched from inside agent `{}` keeps its home {}",
+                    p.name,
+                    p.identity.home.display()
+                )));
+            }
             p.identity.clone()
         }
-        None => resolve_user(daemon, &req)?,
+        None => {
+            let mut identity = resolve_user(daemon, &req)?;
+            if let Some(home) = &req.home {
+                let home = fs::canonicalize(home)
+                    .ok()
+                    .filter(|h| h.is_dir())
+                    .ok_or_else(|| {
+                        refuse(format!(
+                            "--home {}: not an existing directory",
+                            home.display()
+                        ))
+                    })?;
+                identity.home = home;
+            }
+            identity
+        }
     };
     let name = match &req.name {
         Some(n) if !valid_name(n) => {
@@ -439,7 +488,29 @@ fn prepare(
     };
     let mut requested = Policy::from_profile(&profile, &placeholders);
     requested.adjust(&req.adjustments).map_err(refuse)?;
-    let policy = effective(&requested, parent.as_deref());
+    let policy = effective(daemon, &requested, parent.as_deref());
+    // What this host cannot enforce of the file rules: refused unless --degraded-ok.
+    let degraded = if policy.mode == Mode::Enforce {
+        let owns_home = fs::metadata(&identity.home)
+            .ok()
+            .filter(|m| m.uid() == identity.uid)
+            .map(|_| identity.home.clone());
+        files::guarantees(
+            &policy.files,
+            &daemon.file_enforcers,
+            identity.uid == 0,
+            owns_home.as_deref(),
+        )
+    } else {
+        Vec::new()
+    };
+    if !degraded.is_empty() && !req.degraded_ok {
+        return Err(refuse(format!(
+            "this host cannot enforce all of the profile's file rules:\n  - {}\nstart it anyway with --degraded-ok",
+            degraded.join("\n  - ")
+        )));
+    }
+
     let mut rlimits = Vec::new();
     for (k, v) in &policy.rlimits {
         rlimits.push((
@@ -500,6 +571,22 @@ fn prepare(
         .map_err(|e| internal(format!("creating the private tmp {}: {e}", tmp.display())))?;
     chown(&tmp, Some(identity.uid), Some(identity.gid))
         .map_err(|e| cleanup_tmp(format!("chown {}: {e}", tmp.display())))?;
+    // Landlock, where the kernel has it: built once the private tmp exists (a rule on a
+    // path that does not exist grants nothing), applied by the child before exec.
+    let files_policy = &live.policy.files;
+    let restricts = files_policy.default_allow != ACCESS_ALL
+        || files_policy.rules.values().any(|a| a.deny != 0);
+    let landlock = match daemon.file_enforcers.landlock {
+        Some(abi) if live.policy.mode == Mode::Enforce && restricts => {
+            let plan = files::landlock::compile(files_policy)
+                .map_err(|e| cleanup_tmp(format!("file rules: {e:#}")))?;
+            Some(
+                files::landlock::ruleset(&plan, abi as i32)
+                    .map_err(|e| cleanup_tmp(format!("{e:#}")))?,
+            )
+        }
+        _ => None,
+    };
     let cgroup_procs = launcher::open_cgroup_procs(cgroup.path())
         .map_err(|e| cleanup_tmp(format!("opening cgroup.procs: {e}")))?;
     let id = cgroup.id();
@@ -545,10 +632,12 @@ fn prepare(
         keep_caps,
         rlimits,
         seccomp: filter,
+        landlock,
         stdio,
     };
     Ok(Prepared {
         state,
+        degraded,
         plan,
         removed_env,
     })
@@ -589,7 +678,7 @@ pub fn update(daemon: &Daemon, req: &UpdateRequest) -> Result<Reply, Refusal> {
         let mut requested = Policy::from_profile(&profile, &live.placeholders);
         requested.adjust(&adjustments).map_err(refuse)?;
         drop(live);
-        let policy = effective(&requested, parent.as_deref());
+        let policy = effective(daemon, &requested, parent.as_deref());
         let mut live = agent.live.lock().expect("not poisoned");
         let old = (
             live.spec.clone(),
@@ -630,7 +719,7 @@ fn narrow_children(daemon: &Daemon, parent: &str) {
     for child in children {
         {
             let requested = child.live.lock().expect("not poisoned").requested.clone();
-            let policy = effective(&requested, Some(&p));
+            let policy = effective(daemon, &requested, Some(&p));
             let mut live = child.live.lock().expect("not poisoned");
             live.policy = policy;
             if let Err(e) = sync_kernel(daemon, &child, &mut live, true) {
@@ -659,6 +748,9 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
             let mut kernel = daemon.kernel.lock().expect("not poisoned");
             let _ = agent::unregister(&mut kernel, a.id);
             let _ = network::clear(&mut kernel, policy_id);
+            if daemon.file_enforcers.lsm {
+                let _ = files::clear(&mut kernel, policy_id);
+            }
         }
         if let Err(e) = cgroup.remove() {
             eprintln!("agentd: agent {}: {e:#}", a.name);
@@ -667,8 +759,40 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
     // Stops the resolver tasks and frees the address.
     drop(a.resolver.lock().expect("not poisoned").take());
     let _ = fs::remove_dir_all(&a.tmp);
-    daemon.agents.lock().expect("not poisoned").remove(&a.name);
+    let none_left = {
+        let mut agents = daemon.agents.lock().expect("not poisoned");
+        agents.remove(&a.name);
+        agents.is_empty()
+    };
     daemon.counters.lock().expect("not poisoned").remove(&a.id);
+    daemon.denials.lock().expect("not poisoned").remove(&a.id);
+    if none_left {
+        reporter(daemon, false);
+    }
+}
+
+/// Attaches (`on`) or detaches the Landlock path's denial reporter. It runs on every
+/// system call exit of the host, so it is attached only while agents run, and only where
+/// file denials can happen that no BPF LSM hook reports (Landlock refuses before BPF LSM
+/// in the kernel's order, so wherever Landlock is used).
+fn reporter(daemon: &Daemon, on: bool) {
+    if daemon.file_enforcers.lsm && daemon.file_enforcers.landlock.is_none() {
+        return;
+    }
+    let mut link = daemon.reporter.lock().expect("not poisoned");
+    let mut kernel = daemon.kernel.lock().expect("not poisoned");
+    match (on, link.take()) {
+        (true, None) => match files::attach_reporter(&mut kernel) {
+            Ok(l) => *link = Some(l),
+            Err(e) => eprintln!("agentd: file denials will not be reported: {e:#}"),
+        },
+        (false, Some(l)) => {
+            if let Err(e) = files::detach_reporter(&mut kernel, l) {
+                eprintln!("agentd: {e:#}");
+            }
+        }
+        (_, kept) => *link = kept,
+    }
 }
 
 /// Signals a `run` client may forward to its agent.
@@ -714,6 +838,7 @@ pub async fn run(
         .lock()
         .expect("not poisoned")
         .insert(state.name.clone(), state.clone());
+    reporter(&daemon, true);
     let mut child = match launcher::spawn(prepared.plan) {
         Ok(c) => c,
         Err(e) => {
@@ -739,6 +864,7 @@ pub async fn run(
         &Reply::Started {
             agent: Box::new(info),
             removed_env: prepared.removed_env,
+            degraded: prepared.degraded,
         },
     )
     .await;

@@ -64,7 +64,21 @@ pub struct Daemon {
     pub dns_slots: Mutex<std::collections::BTreeSet<u16>>,
     /// Where agents' resolvers forward allowed queries.
     pub upstream: Vec<std::net::SocketAddr>,
+    /// What enforces file rules on this host.
+    pub file_enforcers: crate::files::Enforcers,
+    /// Paths no agent may write, whatever its profile says (agentd's own files, bpffs,
+    /// the cgroup file system).
+    pub protected: Vec<PathBuf>,
+    /// The Landlock path's denial reporter, attached while agents run.
+    pub reporter: Mutex<Option<aya::programs::raw_trace_point::RawTracePointLinkId>>,
+    /// Recent denials by agent id, newest last (bounded: see [`RECENT_DENIALS`]).
+    pub denials: Mutex<HashMap<u64, std::collections::VecDeque<crate::protocol::Denial>>>,
+    /// Last BPF LSM file denial per thread (to drop the same denial's system call report).
+    pub last_file_hook: Mutex<HashMap<u32, u64>>,
 }
+
+/// Denials kept per agent for `agentd inspect`.
+pub const RECENT_DENIALS: usize = 100;
 
 /// Picks the agent root cgroup: the configured one; under systemd (a service with
 /// `Delegate=yes`) `agents/` inside the service's own cgroup; else `<cgroup2>/agentd`.
@@ -166,14 +180,16 @@ pub async fn run(config: Config) -> Result<()> {
     let root_file = fs::File::open(&root_path)?;
     crate::network::attach(&mut kernel, &root_file).context("attaching the egress programs")?;
     let reader = EventReader::take(&mut kernel)?;
+    let file_enforcers = file_enforcers(&mut kernel, &config);
     let enforcement = vec![
         "process: seccomp filter (x86-64, i386, x32), no_new_privs, capabilities dropped"
             .to_string(),
         "network: cgroup connect4/6 and sendmsg4/6 (allowlist), sock_create (no raw sockets), \
          skb egress (backstop); DNS through agentd's resolver"
             .to_string(),
-        "files: not enforced yet by this version".to_string(),
+        file_enforcers.describe(),
     ];
+    let protected = protected_paths(&config, &mount);
     let upstream = match &config.dns_upstream {
         Some(list) => list.clone(),
         None => crate::network::resolver::upstream_from_resolv_conf(
@@ -217,6 +233,11 @@ pub async fn run(config: Config) -> Result<()> {
         policy_ids: std::sync::atomic::AtomicU64::new(1),
         dns_slots: Mutex::new(std::collections::BTreeSet::new()),
         upstream,
+        file_enforcers,
+        protected,
+        reporter: Mutex::new(None),
+        denials: Mutex::new(HashMap::new()),
+        last_file_hook: Mutex::new(HashMap::new()),
     });
     let events_task = tokio::spawn(pump_events(daemon.clone(), reader));
     let expiry_task = {
@@ -294,16 +315,146 @@ async fn pump_events(daemon: Arc<Daemon>, reader: EventReader) {
         };
         let events = guard.get_inner_mut().drain();
         guard.clear_ready();
-        let mut counters = daemon.counters.lock().expect("not poisoned");
         for e in events {
-            let c = counters.entry(e.header().agent).or_default();
-            match (&e, e.header().verdict) {
-                (_, agentd_common::events::VERDICT_AUDIT) => c.would_deny += 1,
-                (Event::Net(_), _) => c.net_denied += 1,
-                (Event::File(_), _) => c.file_denied += 1,
-            }
+            record(&daemon, &e);
         }
     }
+}
+
+/// Counts an event and keeps it among the agent's recent denials.
+fn record(daemon: &Daemon, e: &Event) {
+    use agentd_common::events::{HOOK_SYSCALL_EXIT, VERDICT_AUDIT};
+    let h = e.header();
+    // One denial, two reports: a BPF LSM hook refused a file access and the system call
+    // then failed, which the Landlock path's reporter also sees. Keep the hook's.
+    if let Event::File(_) = e {
+        let mut last = daemon.last_file_hook.lock().expect("not poisoned");
+        if h.hook == HOOK_SYSCALL_EXIT {
+            if last
+                .get(&h.tid)
+                .is_some_and(|t| h.ktime_ns.saturating_sub(*t) < 50_000_000)
+            {
+                last.remove(&h.tid);
+                return;
+            }
+        } else {
+            if last.len() > 4096 {
+                last.clear();
+            }
+            last.insert(h.tid, h.ktime_ns);
+        }
+    }
+    {
+        let mut counters = daemon.counters.lock().expect("not poisoned");
+        let c = counters.entry(h.agent).or_default();
+        match (e, h.verdict) {
+            (_, VERDICT_AUDIT) => c.would_deny += 1,
+            (Event::Net(_), _) => c.net_denied += 1,
+            (Event::File(_), _) => c.file_denied += 1,
+            (Event::Proc(_), _) => c.process_denied += 1,
+        }
+    }
+    let (path, resolved) = match e {
+        Event::File(f) => {
+            let path = crate::events::file_path(f);
+            let resolved = (h.hook == HOOK_SYSCALL_EXIT)
+                .then(|| crate::events::resolve_given(h.pid, &path))
+                .flatten()
+                .map(|p| p.display().to_string());
+            (Some(path), resolved)
+        }
+        Event::Net(_) | Event::Proc(_) => (None, None),
+    };
+    let denial = crate::protocol::Denial {
+        hook: crate::events::hook(h.hook).to_string(),
+        verdict: crate::events::verdict(h.verdict).to_string(),
+        text: e.to_string(),
+        path,
+        resolved,
+        pid: h.pid,
+        comm: crate::events::comm(h),
+    };
+    let mut all = daemon.denials.lock().expect("not poisoned");
+    let list = all.entry(h.agent).or_default();
+    if list.len() == RECENT_DENIALS {
+        list.pop_front();
+    }
+    list.push_back(denial);
+}
+
+/// Attaches the BPF LSM file programs if the kernel allows it; otherwise readies the
+/// Landlock path's denial reporter. Landlock is used wherever the kernel has it.
+fn file_enforcers(kernel: &mut Ebpf, config: &Config) -> crate::files::Enforcers {
+    let landlock = crate::doctor::landlock_abi()
+        .ok()
+        .map(|abi| abi as u32)
+        .filter(|_| config.use_landlock);
+    let btf = if config.use_lsm {
+        aya::Btf::from_sys_fs().map_err(|e| e.to_string())
+    } else {
+        Err("off in files.enforcers".into())
+    };
+    let lsm = match btf {
+        Ok(btf) => match crate::files::attach(kernel, &btf).and_then(|mut f| {
+            f.extend(crate::process::attach(kernel, &btf)?);
+            Ok(f)
+        }) {
+            Ok(loaded) => {
+                eprintln!("agentd: {}", crate::ebpf::describe_loaded(&loaded));
+                true
+            }
+            Err(e) => {
+                // Leave nothing half attached.
+                for name in crate::files::LSM_PROGRAMS
+                    .iter()
+                    .chain(crate::process::LSM_PROGRAMS)
+                {
+                    let lsm: Option<&mut aya::programs::Lsm> =
+                        kernel.program_mut(name).and_then(|p| p.try_into().ok());
+                    if let Some(p) = lsm {
+                        let _ = p.unload();
+                    }
+                }
+                eprintln!(
+                    "agentd: BPF LSM is not usable here ({e:#}); file rules are applied with Landlock"
+                );
+                false
+            }
+        },
+        Err(e) => {
+            eprintln!("agentd: BPF LSM is not used: {e}");
+            false
+        }
+    };
+    if (!lsm || landlock.is_some())
+        && let Err(e) = crate::files::load_reporter(kernel)
+    {
+        eprintln!("agentd: file denials will not be reported: {e:#}");
+    }
+    crate::files::Enforcers { lsm, landlock }
+}
+
+/// Paths no agent may write: agentd's configuration, profiles and sockets, bpffs and the
+/// cgroup file systems.
+fn protected_paths(config: &Config, mount: &Cgroup2Mount) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = vec![
+        PathBuf::from("/etc/agentd"),
+        config.profiles_dir.clone(),
+        PathBuf::from("/sys/fs/bpf"),
+        PathBuf::from("/sys/fs/cgroup"),
+        mount.mount_point.clone(),
+    ];
+    for p in [&config.socket, &config.launch_socket] {
+        if let Some(dir) = p.parent() {
+            out.push(dir.to_path_buf());
+        }
+    }
+    if let Some(dir) = config.path.as_ref().and_then(|p| p.parent()) {
+        out.push(dir.to_path_buf());
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Writes one reply line.

@@ -183,6 +183,13 @@ pub async fn serve(daemon: Arc<Daemon>, mut stream: UnixStream, socket: Socket) 
                     .get(&a.id)
                     .cloned()
                     .unwrap_or_default(),
+                denials: daemon
+                    .denials
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&a.id)
+                    .map(|d| d.iter().cloned().collect())
+                    .unwrap_or_default(),
             },
             None => Reply::Error {
                 message: format!("no agent named `{agent}` is running"),

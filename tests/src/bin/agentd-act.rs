@@ -48,7 +48,7 @@ fn report(op: &str, result: Result<Value, Error>) {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: agentd-act connect ADDR:PORT | open PATH read|write | cgroup | ids | syscalls | syscalls32 | tree | env | fds | sleep SECS | exit CODE"
+        "usage: agentd-act connect ADDR:PORT | open PATH read|write | open-many PATH N | cgroup | ids | syscalls | syscalls32 | tree | env | fds | sleep SECS | exit CODE"
     );
     std::process::exit(2);
 }
@@ -475,6 +475,14 @@ fn main() {
                 o.open(path)
                     .map(|_| json!(format!("opened {path} for {mode}"))),
             );
+        }
+        ["open-many", path, n] => {
+            // Opens PATH for reading N times: the work whose in-kernel cost is measured.
+            let n: u32 = n.parse().unwrap_or_else(|_| usage());
+            let r = (0..n)
+                .try_for_each(|_| std::fs::File::open(path).map(drop))
+                .map(|()| json!(format!("opened {path} {n} times")));
+            report("open-many", r);
         }
         ["cgroup"] => report("cgroup", Ok(json!(cgroup()))),
         ["ids"] => {

@@ -66,7 +66,7 @@ fn absolute(cwd: &Path, p: &Path) -> PathBuf {
 
 /// Sends one request line, with `fds` attached.
 fn send_request(stream: &UnixStream, request: &Request, fds: &[i32]) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(request).expect("serializable");
+    let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
     line.push(b'\n');
     let mut sent = 0;
     while sent < line.len() {
@@ -158,6 +158,14 @@ pub fn run(config: &Config, args: RunArgs) -> i32 {
         adjustments,
     }));
 
+    // JSON carries paths as UTF-8 strings.
+    if serde_json::to_vec(&request).is_err() {
+        eprintln!(
+            "agentd run: a path is not valid UTF-8 (the current directory {}, --workdir, --home or --profile)",
+            cwd.display()
+        );
+        return EXIT_POLICY;
+    }
     let path = socket_path(config);
     let stream = match connect(&path) {
         Ok(s) => s,

@@ -13,7 +13,8 @@
 //! profiles_dir = "/etc/agentd/profiles"
 //! default_profile = "default"
 //! user = "agentd-agent"                       # account for agents when no --user/SUDO_UID
-//! tmp_dir = "/tmp/agentd"                     # per-agent private tmp directories go here
+//! tmp_dir = "/run/agentd/tmp"                 # per-agent private tmp directories go here
+//!                                             # (root-owned, writable by no one else)
 //!
 //! [dns]
 //! upstream = "auto"                           # or ["192.0.2.53:53"]; auto: /etc/resolv.conf
@@ -68,7 +69,7 @@ impl Default for Config {
             profiles_dir: "/etc/agentd/profiles".into(),
             default_profile: "default".into(),
             agent_user: "agentd-agent".into(),
-            tmp_dir: "/tmp/agentd".into(),
+            tmp_dir: "/run/agentd/tmp".into(),
             dns_upstream: None,
             dns_port: 10053,
             use_lsm: true,

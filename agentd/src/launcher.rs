@@ -43,6 +43,7 @@ pub enum Step {
     CloseDescriptors,
     Landlock,
     Seccomp,
+    ChangeDir,
 }
 
 impl Step {
@@ -64,6 +65,7 @@ impl Step {
             CloseDescriptors,
             Landlock,
             Seccomp,
+            ChangeDir,
         ]
         .into_iter()
         .find(|s| *s as u8 == b)
@@ -88,6 +90,7 @@ impl Step {
             Step::CloseDescriptors => "closing inherited file descriptors",
             Step::Landlock => "applying the file rules with Landlock",
             Step::Seccomp => "installing the seccomp filter",
+            Step::ChangeDir => "entering the working directory (as the agent's user)",
         }
     }
 }
@@ -201,16 +204,33 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 /// above its own last capability).
 const CAP_WALK_LAST: u32 = 63;
 
-/// The pre-exec sequence. Runs in the forked child: system calls only.
-fn child_steps(
+/// What the pre-exec sequence needs, prepared before the fork (nothing is allocated after).
+struct ChildSetup {
+    /// `cgroup.procs` of the agent's cgroup, open for writing.
     procs: RawFd,
+    /// Write end of the pipe that tells the parent which step failed.
     report: RawFd,
-    identity: &Identity,
+    identity: Identity,
     keep_caps: u64,
-    rlimits: &[(u32, u64)],
+    rlimits: Vec<(u32, u64)>,
     landlock: Option<RawFd>,
-    filter: &seccomp::Filter,
-) -> io::Result<()> {
+    filter: seccomp::Filter,
+    cwd: std::ffi::CString,
+}
+
+/// The pre-exec sequence. Runs in the forked child: system calls only.
+fn child_steps(setup: &ChildSetup) -> io::Result<()> {
+    let ChildSetup {
+        procs,
+        report,
+        identity,
+        keep_caps,
+        rlimits,
+        landlock,
+        filter,
+        cwd,
+    } = setup;
+    let (procs, report, keep_caps, landlock) = (*procs, *report, *keep_caps, *landlock);
     let fail = |step: Step| -> io::Error {
         let err = io::Error::last_os_error();
         let b = [step as u8];
@@ -259,6 +279,10 @@ fn child_steps(
         if libc::setresuid(identity.uid, identity.uid, identity.uid) != 0 {
             return Err(fail(Step::SetUid));
         }
+        // As the agent's user, never as root: a directory it may not enter stays closed.
+        if libc::chdir(cwd.as_ptr()) != 0 {
+            return Err(fail(Step::ChangeDir));
+        }
         let header = CapHeader {
             version: LINUX_CAPABILITY_VERSION_3,
             pid: 0,
@@ -291,7 +315,7 @@ fn child_steps(
                 return Err(fail(Step::RaiseAmbient));
             }
         }
-        for &(resource, value) in rlimits {
+        for &(resource, value) in rlimits.iter() {
             let v = if value == u64::MAX {
                 libc::RLIM_INFINITY
             } else {
@@ -351,25 +375,26 @@ pub fn spawn(plan: Plan) -> Result<tokio::process::Child, LaunchError> {
     cmd.args(&plan.argv[1..]);
     cmd.env_clear();
     cmd.envs(plan.env.iter().map(|(k, v)| (k, v)));
-    cmd.current_dir(&plan.cwd);
+    // The working directory is entered in child_steps, after the switch to the agent's user.
+    let cwd = std::ffi::CString::new(plan.cwd.as_os_str().as_encoded_bytes())
+        .map_err(|_| err(None, io::Error::from_raw_os_error(libc::EINVAL)))?;
     let [stdin, stdout, stderr] = plan.stdio;
     cmd.stdin(Stdio::from(stdin))
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr));
-    let procs = plan.cgroup_procs.as_raw_fd();
-    let report = report_write.as_raw_fd();
-    let identity = plan.identity.clone();
-    let keep_caps = plan.keep_caps;
-    let rlimits = plan.rlimits.clone();
-    let filter = plan.seccomp;
-    let landlock = plan.landlock.as_ref().map(|fd| fd.as_raw_fd());
+    let setup = ChildSetup {
+        procs: plan.cgroup_procs.as_raw_fd(),
+        report: report_write.as_raw_fd(),
+        identity: plan.identity.clone(),
+        keep_caps: plan.keep_caps,
+        rlimits: plan.rlimits.clone(),
+        landlock: plan.landlock.as_ref().map(|fd| fd.as_raw_fd()),
+        filter: plan.seccomp,
+        cwd,
+    };
     // SAFETY: the closure only makes system calls (see child_steps).
     unsafe {
-        cmd.pre_exec(move || {
-            child_steps(
-                procs, report, &identity, keep_caps, &rlimits, landlock, &filter,
-            )
-        });
+        cmd.pre_exec(move || child_steps(&setup));
     }
     let spawned = cmd.spawn();
     drop(report_write);

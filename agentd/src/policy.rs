@@ -54,6 +54,35 @@ impl FilePolicy {
         allowed | (undecided & self.default_allow)
     }
 
+    /// The same rules on the real paths: every symlink in a rule path is resolved (for a
+    /// path that does not exist, in its longest existing ancestor). Rules that land on one
+    /// path add up (a bit both allowed and denied there is denied). Policies are compared,
+    /// and intersected, only in this form: otherwise a link made by a parent agent inside
+    /// an area it may read could carry a child's allow onto a path the parent is denied.
+    pub fn resolved(&self) -> FilePolicy {
+        let mut out = FilePolicy {
+            rules: BTreeMap::new(),
+            default_allow: self.default_allow,
+        };
+        for (p, a) in &self.rules {
+            out.add(&real_path(p), a.allow, a.deny);
+        }
+        out
+    }
+
+    /// The rules to enforce now: a rule path that resolves elsewhere than it did when the
+    /// policy was resolved (a symlink was planted in it since) keeps its denials but loses
+    /// its allows, so that the link cannot move an allow onto its target.
+    pub fn without_moved_allows(&self) -> FilePolicy {
+        let mut out = self.clone();
+        for (p, a) in out.rules.iter_mut() {
+            if real_path(p) != *p {
+                a.allow = 0;
+            }
+        }
+        out
+    }
+
     /// Allowed by both: every path either policy names gets an explicit rule that allows
     /// exactly what both allow there; below it nothing changes until the next named path.
     pub fn intersect(&self, other: &FilePolicy) -> FilePolicy {
@@ -76,6 +105,23 @@ impl FilePolicy {
             default_allow: self.default_allow & other.default_allow,
         }
     }
+}
+
+/// `p` with every symlink resolved: the canonical form of its longest existing ancestor,
+/// followed by the rest of it.
+pub fn real_path(p: &Path) -> PathBuf {
+    let p = normalize(p);
+    for base in p.ancestors() {
+        if let Ok(real) = std::fs::canonicalize(base) {
+            let rest = p.strip_prefix(base).unwrap_or(Path::new(""));
+            return if rest.as_os_str().is_empty() {
+                real
+            } else {
+                real.join(rest)
+            };
+        }
+    }
+    p
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -515,6 +561,51 @@ mod tests {
         )
         .unwrap();
         Policy::from_profile(&p, &ph())
+    }
+
+    #[test]
+    fn rules_are_judged_on_real_paths_and_a_planted_link_loses_its_allows() {
+        let dir = std::env::temp_dir().join(format!("agentd-unit-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("secret")).unwrap();
+        std::fs::create_dir_all(dir.join("plain")).unwrap();
+        std::os::unix::fs::symlink(dir.join("secret"), dir.join("link")).unwrap();
+        let mut parent = FilePolicy {
+            default_allow: ACCESS_ALL,
+            ..Default::default()
+        };
+        parent.add(&dir.join("secret"), 0, ACCESS_ALL);
+        let mut child = FilePolicy::default();
+        child.add(&dir.join("link/key"), ACCESS_READ, 0);
+        child.add(&dir.join("plain"), ACCESS_READ, 0);
+        let resolved = child.resolved();
+        assert!(
+            resolved.rules.contains_key(&dir.join("secret/key")),
+            "{resolved:?}"
+        );
+        assert_eq!(
+            resolved.intersect(&parent).allowed(&dir.join("secret/key")),
+            0
+        );
+        // `plain` becomes a link after the policy was resolved: its allow goes, denies stay.
+        let mut later = resolved.clone();
+        later.add(&dir.join("plain"), 0, ACCESS_WRITE);
+        std::fs::remove_dir(dir.join("plain")).unwrap();
+        std::os::unix::fs::symlink(dir.join("secret"), dir.join("plain")).unwrap();
+        let now = later.without_moved_allows();
+        assert_eq!(
+            now.rules[&dir.join("plain")],
+            Access {
+                allow: 0,
+                deny: ACCESS_WRITE
+            }
+        );
+        assert_eq!(
+            now.rules[&dir.join("secret/key")].allow,
+            ACCESS_READ,
+            "a real path keeps its rule"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -5,5 +5,6 @@
 mod doctor;
 mod egress;
 mod files;
+mod hardening;
 mod network;
 mod run;

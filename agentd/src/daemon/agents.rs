@@ -29,13 +29,16 @@ use std::{
 
 use agentd_common::{
     agent::{AGENT_FLAG_AUDIT, AgentEntry},
-    files::{ACCESS_ALL, ACCESS_WRITE},
+    files::ACCESS_WRITE,
 };
 use anyhow::Result;
 use ipnet::IpNet;
-use tokio::{io::AsyncBufReadExt as _, io::BufReader, net::UnixStream};
+use tokio::{
+    io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _, BufReader},
+    net::UnixStream,
+};
 
-use super::{Daemon, dns, peer::Peer, send};
+use super::{Daemon, Locked as _, dns, peer::Peer, send};
 use crate::{
     agent,
     cgroup::CgroupDir,
@@ -79,7 +82,10 @@ pub struct AgentState {
     pub name: String,
     pub id: u64,
     pub identity: Identity,
+    /// The agent it was launched from: name (for display) and cgroup id (what links them:
+    /// names are reused, cgroup ids are not).
     pub parent: Option<String>,
+    pub parent_id: Option<u64>,
     pub workdir: PathBuf,
     pub tmp: PathBuf,
     pub started: u64,
@@ -97,20 +103,19 @@ pub struct AgentState {
 impl AgentState {
     pub fn processes(&self) -> Vec<u32> {
         self.cgroup
-            .lock()
-            .expect("not poisoned")
+            .locked()
             .as_ref()
             .and_then(|c| c.all_processes().ok())
             .unwrap_or_default()
     }
 
     pub fn info(&self, daemon: &Daemon) -> AgentInfo {
-        let live = self.live.lock().expect("not poisoned");
+        let live = self.live.locked();
         AgentInfo {
             name: self.name.clone(),
             id: self.id,
             cgroup: self.cgroup_path.clone(),
-            pid: *self.pid.lock().expect("not poisoned"),
+            pid: *self.pid.locked(),
             user: self.identity.user.clone(),
             uid: self.identity.uid,
             profile: live.policy.profile.clone(),
@@ -157,7 +162,12 @@ impl Daemon {
     }
 
     pub fn agent(&self, name: &str) -> Option<Arc<AgentState>> {
-        self.agents.lock().expect("not poisoned").get(name).cloned()
+        self.agents.locked().get(name).cloned()
+    }
+
+    /// The running agent whose cgroup id is `id`.
+    pub fn agent_by_id(&self, id: u64) -> Option<Arc<AgentState>> {
+        self.agents.locked().values().find(|a| a.id == id).cloned()
     }
 
     fn next_policy_id(&self) -> u64 {
@@ -280,7 +290,7 @@ fn entry_of(daemon: &Daemon, agent: &AgentState, live: &Live) -> AgentEntry {
 /// current id are updated in place (for learned addresses: only additions and expiries).
 pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: bool) -> Result<()> {
     let allowlist = allowlist_of(live)?;
-    let mut kernel = daemon.kernel.lock().expect("not poisoned");
+    let mut kernel = daemon.kernel.locked();
     if !swap {
         return network::apply(&mut kernel, live.policy_id, &allowlist);
     }
@@ -326,7 +336,7 @@ pub fn learn(
     learned: &[network::resolver::Learned],
     ports: &[Ports],
 ) -> Result<()> {
-    let mut live = agent.live.lock().expect("not poisoned");
+    let mut live = agent.live.locked();
     let now = Instant::now();
     for l in learned {
         let e = live.learned.entry(l.addr).or_insert_with(|| LearnedAddr {
@@ -341,16 +351,10 @@ pub fn learn(
 
 /// Drops learned addresses whose TTL ran out.
 pub fn expire(daemon: &Daemon) {
-    let all: Vec<Arc<AgentState>> = daemon
-        .agents
-        .lock()
-        .expect("not poisoned")
-        .values()
-        .cloned()
-        .collect();
+    let all: Vec<Arc<AgentState>> = daemon.agents.locked().values().cloned().collect();
     let now = Instant::now();
     for a in all {
-        let mut live = a.live.lock().expect("not poisoned");
+        let mut live = a.live.locked();
         let before = live.learned.len();
         live.learned.retain(|_, l| l.expires > now);
         if live.learned.len() != before
@@ -372,20 +376,27 @@ struct Prepared {
     removed_env: Vec<String>,
     /// What of its policy this host does not enforce (started with --degraded-ok).
     degraded: Vec<String>,
+    /// The parent's policy id when this agent's policy was computed from it.
+    parent_policy_id: Option<u64>,
 }
 
 /// The policy an agent gets: profile, adjustments, then the parent's limits.
 fn effective(daemon: &Daemon, requested: &Policy, parent: Option<&AgentState>) -> Policy {
+    // File rules are compared on real paths (see FilePolicy::resolved).
+    let mut requested = requested.clone();
+    requested.files = requested.files.resolved();
     let mut policy = match parent {
-        Some(p) => requested.intersect(&p.live.lock().expect("not poisoned").policy, &p.name),
-        None => requested.clone(),
+        Some(p) => requested.intersect(&p.live.locked().policy, &p.name),
+        None => requested,
     };
     // An agent can only keep capabilities the daemon itself has.
     let available = crate::caps::permitted();
     policy.capabilities.retain(|c| available & (1 << c) != 0);
     // agentd's own files, bpffs and the cgroup file systems are never writable.
     for p in &daemon.protected {
-        policy.files.add(p, 0, ACCESS_WRITE);
+        policy
+            .files
+            .add(&crate::policy::real_path(p), 0, ACCESS_WRITE);
     }
     policy
 }
@@ -480,6 +491,15 @@ fn prepare(
                 workdir.display()
             ))
         })?;
+    // Replies carry these paths as JSON strings.
+    for (what, p) in [
+        ("--workdir", &workdir),
+        ("the home directory", &identity.home),
+    ] {
+        if p.to_str().is_none() {
+            return Err(refuse(format!("{what} {}: not valid UTF-8", p.display())));
+        }
+    }
     let tmp = daemon.config.tmp_dir.join(&name);
     let placeholders = Placeholders {
         workdir: workdir.clone(),
@@ -488,6 +508,9 @@ fn prepare(
     };
     let mut requested = Policy::from_profile(&profile, &placeholders);
     requested.adjust(&req.adjustments).map_err(refuse)?;
+    // Read before the parent's policy is: a change in between is caught after the agent
+    // is registered (see `run`).
+    let parent_policy_id = parent.as_ref().map(|p| p.live.locked().policy_id);
     let policy = effective(daemon, &requested, parent.as_deref());
     // What this host cannot enforce of the file rules: refused unless --degraded-ok.
     let degraded = if policy.mode == Mode::Enforce {
@@ -563,8 +586,7 @@ fn prepare(
         let _ = fs::remove_dir_all(&tmp);
         internal(e)
     };
-    fs::create_dir_all(&daemon.config.tmp_dir)
-        .map_err(|e| internal(format!("creating {}: {e}", daemon.config.tmp_dir.display())))?;
+    // tmp_dir was checked at start: root's, writable by no one else (secure_tmp_base).
     fs::DirBuilder::new()
         .mode(0o700)
         .create(&tmp)
@@ -572,12 +594,12 @@ fn prepare(
     chown(&tmp, Some(identity.uid), Some(identity.gid))
         .map_err(|e| cleanup_tmp(format!("chown {}: {e}", tmp.display())))?;
     // Landlock, where the kernel has it: built once the private tmp exists (a rule on a
-    // path that does not exist grants nothing), applied by the child before exec.
+    // path that does not exist grants nothing), applied by the child before exec. Always
+    // in enforce mode, even for a profile that allows every file: the domain also keeps the
+    // agent from tracing, reading /proc/<pid>/mem of, or signalling processes outside it.
     let files_policy = &live.policy.files;
-    let restricts = files_policy.default_allow != ACCESS_ALL
-        || files_policy.rules.values().any(|a| a.deny != 0);
     let landlock = match daemon.file_enforcers.landlock {
-        Some(abi) if live.policy.mode == Mode::Enforce && restricts => {
+        Some(abi) if live.policy.mode == Mode::Enforce => {
             let plan = files::landlock::compile(files_policy)
                 .map_err(|e| cleanup_tmp(format!("file rules: {e:#}")))?;
             Some(
@@ -595,7 +617,8 @@ fn prepare(
         name,
         id,
         identity: identity.clone(),
-        parent: parent.map(|p| p.name.clone()),
+        parent: parent.as_ref().map(|p| p.name.clone()),
+        parent_id: parent.as_ref().map(|p| p.id),
         workdir: workdir.clone(),
         tmp: tmp.clone(),
         started: SystemTime::now()
@@ -610,14 +633,17 @@ fn prepare(
         resolver: Mutex::new(None),
     };
     if let Err(e) = sync_kernel(daemon, &state, &mut live, true) {
-        let mut kernel = daemon.kernel.lock().expect("not poisoned");
+        let mut kernel = daemon.kernel.locked();
         let _ = network::clear(&mut kernel, live.policy_id);
+        if daemon.file_enforcers.lsm {
+            let _ = files::clear(&mut kernel, live.policy_id);
+        }
         let _ = agent::unregister(&mut kernel, id);
         return Err(cleanup_tmp(format!("{e:#}")));
     }
-    *state.live.lock().expect("not poisoned") = live;
+    *state.live.locked() = live;
     let state = Arc::new(state);
-    *state.resolver.lock().expect("not poisoned") = Some(dns::start(
+    *state.resolver.locked() = Some(dns::start(
         daemon.clone(),
         state.clone(),
         resolver_sockets,
@@ -636,6 +662,7 @@ fn prepare(
         stdio,
     };
     Ok(Prepared {
+        parent_policy_id,
         state,
         degraded,
         plan,
@@ -665,9 +692,9 @@ pub fn update(daemon: &Daemon, req: &UpdateRequest) -> Result<Reply, Refusal> {
     let agent = daemon
         .agent(&req.agent)
         .ok_or_else(|| (format!("no agent named `{}` is running", req.agent), 1))?;
-    let parent = agent.parent.as_deref().and_then(|p| daemon.agent(p));
+    let parent = agent.parent_id.and_then(|id| daemon.agent_by_id(id));
     {
-        let live = agent.live.lock().expect("not poisoned");
+        let live = agent.live.locked();
         let spec = req.profile.clone().unwrap_or_else(|| live.spec.clone());
         let profile = load_profile(daemon, &spec)?;
         let mut adjustments = live.adjustments.clone();
@@ -677,9 +704,14 @@ pub fn update(daemon: &Daemon, req: &UpdateRequest) -> Result<Reply, Refusal> {
         }
         let mut requested = Policy::from_profile(&profile, &live.placeholders);
         requested.adjust(&adjustments).map_err(refuse)?;
+        let current = live.policy.clone();
         drop(live);
-        let policy = effective(daemon, &requested, parent.as_deref());
-        let mut live = agent.live.lock().expect("not poisoned");
+        let mut policy = effective(daemon, &requested, parent.as_deref());
+        if agent.parent_id.is_some() && parent.is_none() {
+            // Its parent has ended: what it had then is the most it can ever have.
+            policy = policy.intersect(&current, &agent.name);
+        }
+        let mut live = agent.live.locked();
         let old = (
             live.spec.clone(),
             live.adjustments.clone(),
@@ -695,32 +727,29 @@ pub fn update(daemon: &Daemon, req: &UpdateRequest) -> Result<Reply, Refusal> {
             return Err(internal(format!("the kernel kept the old policy: {e:#}")));
         }
     }
-    narrow_children(daemon, &agent.name);
-    let policy = agent.live.lock().expect("not poisoned").policy.clone();
+    narrow_children(daemon, &agent);
+    let policy = agent.live.locked().policy.clone();
     Ok(Reply::Updated {
         agent: Box::new(agent.info(daemon)),
         policy: Box::new(policy),
     })
 }
 
-/// Re-intersects the agents launched from inside `parent` with its current policy.
-fn narrow_children(daemon: &Daemon, parent: &str) {
-    let Some(p) = daemon.agent(parent) else {
-        return;
-    };
+/// Re-intersects the agents launched from inside `p` with its current policy.
+fn narrow_children(daemon: &Daemon, p: &AgentState) {
+    let parent = &p.name;
     let children: Vec<Arc<AgentState>> = daemon
         .agents
-        .lock()
-        .expect("not poisoned")
+        .locked()
         .values()
-        .filter(|a| a.parent.as_deref() == Some(parent))
+        .filter(|a| a.parent_id == Some(p.id))
         .cloned()
         .collect();
     for child in children {
         {
-            let requested = child.live.lock().expect("not poisoned").requested.clone();
-            let policy = effective(daemon, &requested, Some(&p));
-            let mut live = child.live.lock().expect("not poisoned");
+            let requested = child.live.locked().requested.clone();
+            let policy = effective(daemon, &requested, Some(p));
+            let mut live = child.live.locked();
             live.policy = policy;
             if let Err(e) = sync_kernel(daemon, &child, &mut live, true) {
                 eprintln!(
@@ -729,14 +758,14 @@ fn narrow_children(daemon: &Daemon, parent: &str) {
                 );
             }
         }
-        narrow_children(daemon, &child.name);
+        narrow_children(daemon, &child);
     }
 }
 
 /// Kills what is left of an agent, removes its kernel entries, cgroup and tmp, and
 /// forgets it. Safe to call twice.
 pub fn teardown(daemon: &Daemon, a: &AgentState) {
-    let cgroup = a.cgroup.lock().expect("not poisoned").take();
+    let cgroup = a.cgroup.locked().take();
     if let Some(cgroup) = cgroup {
         if let Err(e) = cgroup.kill_all(Duration::from_secs(10)) {
             eprintln!("agentd: agent {}: {e:#}", a.name);
@@ -744,8 +773,8 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
         // Entries are removed only once the cgroup is empty: until then a survivor would
         // be unregistered, and so denied everything (fail closed) rather than freed.
         {
-            let policy_id = a.live.lock().expect("not poisoned").policy_id;
-            let mut kernel = daemon.kernel.lock().expect("not poisoned");
+            let policy_id = a.live.locked().policy_id;
+            let mut kernel = daemon.kernel.locked();
             let _ = agent::unregister(&mut kernel, a.id);
             let _ = network::clear(&mut kernel, policy_id);
             if daemon.file_enforcers.lsm {
@@ -757,15 +786,15 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
         }
     }
     // Stops the resolver tasks and frees the address.
-    drop(a.resolver.lock().expect("not poisoned").take());
+    drop(a.resolver.locked().take());
     let _ = fs::remove_dir_all(&a.tmp);
     let none_left = {
-        let mut agents = daemon.agents.lock().expect("not poisoned");
+        let mut agents = daemon.agents.locked();
         agents.remove(&a.name);
         agents.is_empty()
     };
-    daemon.counters.lock().expect("not poisoned").remove(&a.id);
-    daemon.denials.lock().expect("not poisoned").remove(&a.id);
+    daemon.counters.locked().remove(&a.id);
+    daemon.denials.locked().remove(&a.id);
     if none_left {
         reporter(daemon, false);
     }
@@ -779,8 +808,8 @@ fn reporter(daemon: &Daemon, on: bool) {
     if daemon.file_enforcers.lsm && daemon.file_enforcers.landlock.is_none() {
         return;
     }
-    let mut link = daemon.reporter.lock().expect("not poisoned");
-    let mut kernel = daemon.kernel.lock().expect("not poisoned");
+    let mut link = daemon.reporter.locked();
+    let mut kernel = daemon.kernel.locked();
     match (on, link.take()) {
         (true, None) => match files::attach_reporter(&mut kernel) {
             Ok(l) => *link = Some(l),
@@ -793,6 +822,21 @@ fn reporter(daemon: &Daemon, on: bool) {
         }
         (_, kept) => *link = kept,
     }
+}
+
+/// Longest message a `run` client may send while its agent runs (a signal to forward).
+const MAX_CONTROL_LINE: u64 = 4096;
+
+/// The next message of a `run` client: `None` at the end of the stream, on an error, or
+/// on a line longer than [`MAX_CONTROL_LINE`] (then the client counts as gone, and its
+/// agent goes with it). Never buffers more than that.
+async fn control_line(r: &mut (impl AsyncBufRead + Unpin)) -> Option<Vec<u8>> {
+    let mut line = Vec::new();
+    r.take(MAX_CONTROL_LINE)
+        .read_until(b'\n', &mut line)
+        .await
+        .ok()?;
+    line.pop_if(|b| *b == b'\n').map(|_| line)
 }
 
 /// Signals a `run` client may forward to its agent.
@@ -835,9 +879,16 @@ pub async fn run(
     let state = prepared.state;
     daemon
         .agents
-        .lock()
-        .expect("not poisoned")
+        .locked()
         .insert(state.name.clone(), state.clone());
+    // The parent's policy may have changed while this one was computed from it, before
+    // this agent was registered where a change would find it: narrow it again.
+    if let Some(parent) = state.parent_id.and_then(|id| daemon.agent_by_id(id))
+        && Some(parent.live.locked().policy_id) != prepared.parent_policy_id
+    {
+        let d = daemon.clone();
+        let _ = tokio::task::spawn_blocking(move || narrow_children(&d, &parent)).await;
+    }
     reporter(&daemon, true);
     let mut child = match launcher::spawn(prepared.plan) {
         Ok(c) => c,
@@ -856,7 +907,7 @@ pub async fn run(
         }
     };
     let pid = child.id().unwrap_or(0);
-    *state.pid.lock().expect("not poisoned") = pid;
+    *state.pid.locked() = pid;
     let (read, mut write) = stream.into_split();
     let info = state.info(&daemon);
     let _ = send(
@@ -868,14 +919,14 @@ pub async fn run(
         },
     )
     .await;
-    let mut lines = BufReader::new(read).lines();
+    let mut control = BufReader::new(read);
     let mut client_gone = false;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
-            line = lines.next_line(), if !client_gone => match line {
-                Ok(Some(l)) => {
-                    if let Ok(RunControl::Signal { signal }) = serde_json::from_str(&l)
+            line = control_line(&mut control), if !client_gone => match line {
+                Some(l) => {
+                    if let Ok(RunControl::Signal { signal }) = serde_json::from_slice(&l)
                         && FORWARDED.contains(&signal)
                     {
                         // SAFETY: pid is our unreaped child, so it cannot have been reused.
@@ -885,7 +936,7 @@ pub async fn run(
                 _ => {
                     // The client went away: the agent goes with it.
                     client_gone = true;
-                    if let Some(c) = state.cgroup.lock().expect("not poisoned").as_ref() {
+                    if let Some(c) = state.cgroup.locked().as_ref() {
                         let _ = std::fs::write(c.path().join("cgroup.kill"), "1");
                     }
                 }
@@ -915,5 +966,30 @@ pub async fn run(
             },
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_run_client_cannot_make_the_daemon_buffer_without_bound() {
+        let mut ok = &b"{\"signal\":2}\nrest"[..];
+        assert_eq!(
+            control_line(&mut ok).await.as_deref(),
+            Some(&b"{\"signal\":2}"[..])
+        );
+        // 10 MiB without a newline: refused after reading MAX_CONTROL_LINE bytes.
+        let flood = vec![b'x'; 10 << 20];
+        let mut r = &flood[..];
+        assert_eq!(control_line(&mut r).await, None);
+        assert_eq!(
+            flood.len() - r.len(),
+            MAX_CONTROL_LINE as usize,
+            "read no more than the limit"
+        );
+        let mut unterminated = &b"{\"signal\":2}"[..];
+        assert_eq!(control_line(&mut unterminated).await, None);
     }
 }

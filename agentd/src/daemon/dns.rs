@@ -15,7 +15,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{Daemon, agents::AgentState};
+use super::{Daemon, Locked as _, agents::AgentState};
 use crate::network::resolver::{self, Answer};
 
 /// The network agents' resolver addresses are taken from.
@@ -30,7 +30,7 @@ pub struct Slot {
 impl Slot {
     /// Takes the lowest free address 127.53.x.y (x.y from 0.1 to 255.254).
     pub fn take(daemon: &Arc<Daemon>) -> Result<Slot> {
-        let mut used = daemon.dns_slots.lock().expect("not poisoned");
+        let mut used = daemon.dns_slots.locked();
         let n = (1..u16::MAX).find(|n| !used.contains(n) && (n & 0xff) != 0 && (n & 0xff) != 0xff);
         let Some(n) = n else {
             bail!("no free resolver address is left in 127.53.0.0/16")
@@ -50,11 +50,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.daemon
-            .dns_slots
-            .lock()
-            .expect("not poisoned")
-            .remove(&self.n);
+        self.daemon.dns_slots.locked().remove(&self.n);
     }
 }
 
@@ -97,22 +93,10 @@ async fn handle(
     query: &[u8],
     over_tcp: bool,
 ) -> Option<Vec<u8>> {
-    let hosts = agent
-        .live
-        .lock()
-        .expect("not poisoned")
-        .policy
-        .network
-        .hosts
-        .clone();
+    let hosts = agent.live.locked().policy.network.hosts.clone();
     let answer = resolver::answer(query, &hosts, &daemon.upstream, over_tcp).await;
     let count = |f: fn(&mut crate::protocol::Counters)| {
-        f(daemon
-            .counters
-            .lock()
-            .expect("not poisoned")
-            .entry(agent.id)
-            .or_default());
+        f(daemon.counters.locked().entry(agent.id).or_default());
     };
     match answer {
         Answer::Forwarded {

@@ -133,6 +133,69 @@ fn prepare_root(path: &Path) -> Result<CgroupDir> {
         .with_context(|| format!("creating the agent root {}", path.display()))
 }
 
+/// Checks, and creates where missing (mode 0711), the directory that holds the agents'
+/// private tmp directories. The daemon creates and chowns an agent's tmp in it as root, so
+/// no other user may be able to put anything there: every component of the path must be a
+/// real directory (not a symlink) owned by root, and writable by no one else unless sticky
+/// (as /tmp is, so a root-owned entry in it cannot be renamed or removed by others).
+/// Components are checked before anything is created below them.
+pub fn secure_tmp_base(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    let what = || format!("agents.tmp_dir {}", path.display());
+    if !path.is_absolute() {
+        bail!("{}: not an absolute path", what());
+    }
+    let mut at = PathBuf::new();
+    for c in path.components() {
+        at.push(c);
+        let m = match fs::symlink_metadata(&at) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::DirBuilder::new()
+                    .mode(0o711)
+                    .create(&at)
+                    .with_context(|| format!("{}: creating {}", what(), at.display()))?;
+                fs::symlink_metadata(&at)
+            }
+            m => m,
+        }
+        .with_context(|| format!("{}: {}", what(), at.display()))?;
+        let last = at == path;
+        let shared = m.mode() & 0o022 != 0 && (last || m.mode() & 0o1000 == 0);
+        if m.file_type().is_symlink() || !m.is_dir() || m.uid() != 0 || shared {
+            bail!(
+                "{}: {} must be a directory owned by root and writable by no one else{} \
+                 (it is {}, owner uid {}, mode {:o}); another user could otherwise swap an agent's tmp",
+                what(),
+                at.display(),
+                if last { "" } else { " (or sticky)" },
+                if m.file_type().is_symlink() {
+                    "a symlink"
+                } else if m.is_dir() {
+                    "a directory"
+                } else {
+                    "not a directory"
+                },
+                m.uid(),
+                m.mode() & 0o7777,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `Mutex::lock` for the daemon's shared state: a panic on another thread while it held
+/// the lock does not make the state unusable (the kill switch and teardown must go on).
+pub(crate) trait Locked<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T>;
+}
+
+impl<T> Locked<T> for Mutex<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T> {
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Removes a stale socket file, refusing if a daemon still answers on it.
 async fn claim_socket(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
@@ -166,6 +229,7 @@ pub async fn run(config: Config) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the daemon loads BPF programs and manages cgroups: run it as root");
     }
+    secure_tmp_base(&config.tmp_dir)?;
     let mount = cgroup::cgroup2_mount()?;
     let root_path = agent_root_path(&config, &mount);
     let root_dir = prepare_root(&root_path)?;
@@ -282,13 +346,7 @@ pub async fn run(config: Config) -> Result<()> {
     eprintln!("agentd: stopping: killing every agent");
     events_task.abort();
     expiry_task.abort();
-    let all: Vec<Arc<AgentState>> = daemon
-        .agents
-        .lock()
-        .expect("not poisoned")
-        .values()
-        .cloned()
-        .collect();
+    let all: Vec<Arc<AgentState>> = daemon.agents.locked().values().cloned().collect();
     for a in all {
         agents::teardown(&daemon, &a);
     }
@@ -328,7 +386,7 @@ fn record(daemon: &Daemon, e: &Event) {
     // One denial, two reports: a BPF LSM hook refused a file access and the system call
     // then failed, which the Landlock path's reporter also sees. Keep the hook's.
     if let Event::File(_) = e {
-        let mut last = daemon.last_file_hook.lock().expect("not poisoned");
+        let mut last = daemon.last_file_hook.locked();
         if h.hook == HOOK_SYSCALL_EXIT {
             if last
                 .get(&h.tid)
@@ -345,7 +403,7 @@ fn record(daemon: &Daemon, e: &Event) {
         }
     }
     {
-        let mut counters = daemon.counters.lock().expect("not poisoned");
+        let mut counters = daemon.counters.locked();
         let c = counters.entry(h.agent).or_default();
         match (e, h.verdict) {
             (_, VERDICT_AUDIT) => c.would_deny += 1,
@@ -374,7 +432,7 @@ fn record(daemon: &Daemon, e: &Event) {
         pid: h.pid,
         comm: crate::events::comm(h),
     };
-    let mut all = daemon.denials.lock().expect("not poisoned");
+    let mut all = daemon.denials.locked();
     let list = all.entry(h.agent).or_default();
     if list.len() == RECENT_DENIALS {
         list.pop_front();
@@ -462,7 +520,8 @@ pub(crate) async fn send(
     w: &mut (impl tokio::io::AsyncWrite + Unpin),
     reply: &Reply,
 ) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(reply).expect("serializable");
+    // Fails (rather than panics) on what JSON cannot carry, such as a non-UTF-8 path.
+    let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await
 }

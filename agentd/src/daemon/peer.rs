@@ -1,6 +1,10 @@
 //! Who is on the other end of a connection.
 
-use std::{fs, path::Path};
+use std::{
+    fs,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
 
 use tokio::net::UnixStream;
 
@@ -60,18 +64,62 @@ pub fn agent_of(cgroup: &str, root_rel: &Path) -> Option<String> {
     )
 }
 
-/// Identifies the peer of `stream`. The cgroup is read right after accept; the peer
-/// cannot move itself between cgroups (agents cannot write to the cgroup file system).
+/// A pidfd for the process that connected (`SO_PEERPIDFD`, Linux 6.5), if the kernel
+/// has it.
+fn peer_pidfd(stream: &UnixStream) -> Option<OwnedFd> {
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into `fd`.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: on success the kernel installed a new descriptor for us.
+    (r == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// True while the process behind `pidfd` has not exited.
+fn alive(pidfd: &OwnedFd) -> bool {
+    // SAFETY: signal 0 only checks; the pidfd is valid.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<u8>(),
+            0,
+        ) == 0
+    }
+}
+
+/// Identifies the peer of `stream`. The peer cannot move itself between cgroups (agents
+/// cannot write to the cgroup file system); what could go wrong is reading /proc of
+/// another process that got the peer's pid after the peer exited. Where the kernel gives
+/// a pidfd of the peer, the peer is checked to be alive after /proc was read, so what was
+/// read is the peer's; a peer that has exited is refused.
 pub fn identify(stream: &UnixStream, root_rel: &Path) -> std::io::Result<Peer> {
     let cred = stream.peer_cred()?;
     let pid = cred.pid().unwrap_or(0) as u32;
+    let pidfd = peer_pidfd(stream);
     let cgroup = cgroup_of(pid)
         .ok_or_else(|| std::io::Error::other("the peer's cgroup is unknown (it exited?)"))?;
+    let groups = groups_of(pid);
+    if pidfd.as_ref().is_some_and(|fd| !alive(fd)) {
+        return Err(std::io::Error::other(
+            "the peer exited before it could be identified",
+        ));
+    }
     Ok(Peer {
         pid,
         uid: cred.uid(),
         gid: cred.gid(),
-        groups: groups_of(pid),
+        groups,
         agent: agent_of(&cgroup, root_rel),
     })
 }

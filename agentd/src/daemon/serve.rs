@@ -11,12 +11,15 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use tokio::{io::Interest, net::UnixStream};
 
 use super::{
-    Daemon,
+    Daemon, Locked as _,
     agents::{self, Refusal, refuse},
     peer::{self, Peer, Socket},
     send,
 };
 use crate::protocol::{EXIT_AGENTD, EXIT_POLICY, ProcessInfo, Reply, Request};
+
+/// How long a peer has to send its request once connected.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reads the first request line, with any descriptors sent alongside it.
 async fn read_request(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
@@ -93,7 +96,16 @@ fn authorize(daemon: &Daemon, peer: &Peer, socket: Socket) -> Result<(), Refusal
                 )))
             }
         }
-        (Socket::Launch, Some(name)) if !name.is_empty() && daemon.agent(name).is_some() => Ok(()),
+        // The peer must also run as the agent's user: a process of another agent (another
+        // user) cannot speak for this one.
+        (Socket::Launch, Some(name))
+            if !name.is_empty()
+                && daemon
+                    .agent(name)
+                    .is_some_and(|a| a.identity.uid == peer.uid) =>
+        {
+            Ok(())
+        }
         (Socket::Launch, _) => Err(refuse(format!(
             "the launch socket serves processes inside agents; use the control socket {}",
             daemon.config.socket.display()
@@ -136,7 +148,9 @@ pub async fn serve(daemon: Arc<Daemon>, mut stream: UnixStream, socket: Socket) 
         let _ = send(&mut stream, &Reply::Error { message, exit_code }).await;
         return;
     }
-    let Ok((line, fds)) = read_request(&stream).await else {
+    // A peer that connects and says nothing does not hold a connection for long.
+    let Ok(Ok((line, fds))) = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&stream)).await
+    else {
         return;
     };
     let request: Request = match serde_json::from_slice(&line) {
@@ -160,13 +174,7 @@ pub async fn serve(daemon: Arc<Daemon>, mut stream: UnixStream, socket: Socket) 
             exit_code: EXIT_POLICY,
         },
         (Request::Ps, Socket::Control) => {
-            let list: Vec<_> = daemon
-                .agents
-                .lock()
-                .expect("not poisoned")
-                .values()
-                .cloned()
-                .collect();
+            let list: Vec<_> = daemon.agents.locked().values().cloned().collect();
             Reply::Agents {
                 agents: list.iter().map(|a| a.info(&daemon)).collect(),
             }
@@ -174,19 +182,17 @@ pub async fn serve(daemon: Arc<Daemon>, mut stream: UnixStream, socket: Socket) 
         (Request::Inspect { agent }, Socket::Control) => match daemon.agent(&agent) {
             Some(a) => Reply::Inspect {
                 agent: Box::new(a.info(&daemon)),
-                policy: Box::new(a.live.lock().expect("not poisoned").policy.clone()),
+                policy: Box::new(a.live.locked().policy.clone()),
                 processes: a.processes().into_iter().map(process_info).collect(),
                 counters: daemon
                     .counters
-                    .lock()
-                    .expect("not poisoned")
+                    .locked()
                     .get(&a.id)
                     .cloned()
                     .unwrap_or_default(),
                 denials: daemon
                     .denials
-                    .lock()
-                    .expect("not poisoned")
+                    .locked()
                     .get(&a.id)
                     .map(|d| d.iter().cloned().collect())
                     .unwrap_or_default(),

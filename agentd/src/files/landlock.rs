@@ -49,6 +49,7 @@ fn parent_allows(policy: &FilePolicy, p: &Path, bit: u32) -> bool {
 
 /// Builds the grants of `policy` from the file system as it is now.
 pub fn compile(policy: &FilePolicy) -> Result<Plan> {
+    let policy = &policy.without_moved_allows();
     let mut plan = Plan::default();
     let mut budget = MAX_EXPANDED;
     let root = PathBuf::from("/");

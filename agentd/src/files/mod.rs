@@ -78,6 +78,7 @@ impl InodeRules {
     /// Resolves each rule path to its inode. Two paths of one inode (a symlink and its
     /// target, a bind mount) share the rule: allows and denies add up.
     pub fn of(policy: &FilePolicy) -> InodeRules {
+        let policy = policy.without_moved_allows();
         let mut out = InodeRules::default();
         for (path, access) in &policy.rules {
             match std::fs::metadata(path) {

@@ -291,6 +291,11 @@ fn entry_of(daemon: &Daemon, agent: &AgentState, live: &Live) -> AgentEntry {
 pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: bool) -> Result<()> {
     let allowlist = allowlist_of(live)?;
     let mut kernel = daemon.kernel.locked();
+    // An agent being torn down is not written again: its entries would outlive it. (Teardown
+    // takes the cgroup before it takes the kernel maps to remove the entries.)
+    if agent.cgroup.locked().is_none() {
+        return Ok(());
+    }
     if !swap {
         return network::apply(&mut kernel, live.policy_id, &allowlist);
     }
@@ -320,10 +325,21 @@ pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: b
         let _ = files::clear(&mut kernel, new_id);
         return Err(e);
     }
+    // The agent runs under the new rules now: a failure to remove the old ones leaks map
+    // entries but changes nothing for the agent, so it is reported, not returned.
     if old_id != 0 {
-        network::clear(&mut kernel, old_id)?;
-        if lsm {
-            files::clear(&mut kernel, old_id)?;
+        let cleared = network::clear(&mut kernel, old_id).and_then(|()| {
+            if lsm {
+                files::clear(&mut kernel, old_id)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = cleared {
+            eprintln!(
+                "agentd: agent {}: removing the rules of its previous policy {old_id}: {e:#}",
+                agent.name
+            );
         }
     }
     Ok(())

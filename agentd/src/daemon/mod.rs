@@ -402,6 +402,11 @@ fn record(daemon: &Daemon, e: &Event) {
             last.insert(h.tid, h.ktime_ns);
         }
     }
+    // Only running agents are counted: late events of an agent already torn down (or of a
+    // stray cgroup) would otherwise add entries that nothing ever removes.
+    if daemon.agent_by_id(h.agent).is_none() {
+        return;
+    }
     {
         let mut counters = daemon.counters.locked();
         let c = counters.entry(h.agent).or_default();

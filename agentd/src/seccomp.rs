@@ -5,18 +5,29 @@
 //! architecture is killed. The kernel logs every denial (SECCOMP_FILTER_FLAG_LOG; audit
 //! record type 1326 when auditd runs, otherwise a rate-limited kernel log line).
 //!
-//! Special cases:
-//! - `clone` and `unshare` are denied only with a namespace flag; `clone3` passes its flags
-//!   in memory that seccomp cannot read, so it fails with ENOSYS, which makes the C
-//!   library fall back to `clone`, where the flags are checked.
+//! Special cases (a call the profile's `seccomp.deny` names is denied outright instead):
+//! - `clone` and `unshare` are denied only with a namespace flag, each unless that very
+//!   call is denied outright; `clone3` passes its flags in memory that seccomp cannot
+//!   read, so it fails with ENOSYS, which makes the C library fall back to `clone`, where
+//!   the flags are checked. A profile that denies `clone` also denies `fork`, `vfork` and
+//!   `clone3` (with EPERM): otherwise they would still create processes.
 //! - `socket` is allowed only for AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK with
 //!   NETLINK_ROUTE (what the C library's getaddrinfo uses). The cgroup `sock_create`
 //!   program sees IP sockets only, so packet, vsock, other netlink and every other family
-//!   are refused here. On i386, `socketcall` hides its arguments in memory and is refused;
-//!   the C library uses the direct socket calls instead.
+//!   are refused here. On i386, `socketcall` hides its arguments in memory and is always
+//!   refused; the C library uses the direct socket calls instead.
+//! - `socketpair` is allowed only for AF_UNIX.
+//! - `personality` is allowed only as the query `personality(0xffffffff)` (compared on all
+//!   64 bits, so a sign-extended -1 is refused too): a change could, for example, switch
+//!   off address space randomisation for the programs the agent starts.
+//! - `ioctl` with TIOCSTI or TIOCLINUX is refused (typing into, or driving, a terminal).
+//!   The request is compared on its low 32 bits, all the kernel reads of it.
+//! - Calls missing from one architecture's table (`stime`, `socketcall`, `uselib`) are
+//!   denied where they exist.
 //!
-//! The filter is compiled to BPF before the launcher forks, so the child only makes the
-//! `seccomp(2)` call: no allocation between fork and exec.
+//! A filter longer than the kernel's limit of 4096 instructions (BPF_MAXINSNS) is an error
+//! at build time. It is compiled to BPF before the launcher forks, so the child only makes
+//! the `seccomp(2)` call: no allocation between fork and exec.
 
 use std::{
     ffi::CString,
@@ -36,6 +47,11 @@ pub const ALWAYS_DENIED: &[&str] = &[
     "ptrace",
     "process_vm_readv",
     "process_vm_writev",
+    "pidfd_getfd",
+    "kcmp",
+    "process_madvise",
+    "move_pages",
+    "migrate_pages",
     // The kernel's programmable surfaces.
     "bpf",
     "perf_event_open",
@@ -73,6 +89,14 @@ pub const ALWAYS_DENIED: &[&str] = &[
     "reboot",
     "acct",
     "quotactl",
+    "quotactl_fd",
+    "syslog",
+    "lookup_dcookie",
+    // Old interfaces: the i386 LDT, a.out libraries.
+    "modify_ldt",
+    "uselib",
+    // i386 socket calls with their arguments in memory (see the module comment).
+    "socketcall",
     // Time.
     "clock_settime",
     "settimeofday",
@@ -81,6 +105,7 @@ pub const ALWAYS_DENIED: &[&str] = &[
     "stime",
     // File handles bypass path-based checks.
     "open_by_handle_at",
+    "name_to_handle_at",
 ];
 
 /// Namespace flags that `clone` and `unshare` may not use.
@@ -104,6 +129,16 @@ pub const ALLOWED_FAMILIES: &[(&str, u64)] = &[
 ];
 /// The only netlink protocol allowed: NETLINK_ROUTE.
 const NETLINK_ROUTE: u64 = 0;
+
+/// `ioctl` requests an agent may not make: typing into a terminal (the input of a shell
+/// the agent shares its terminal with), and the virtual console's selection and control.
+pub const DENIED_IOCTLS: &[(&str, u64)] = &[("TIOCSTI", 0x5412), ("TIOCLINUX", 0x541C)];
+
+/// `personality(PERSONALITY_QUERY)` reports the persona without changing it.
+const PERSONALITY_QUERY: u64 = 0xffff_ffff;
+
+/// The kernel's limit on a filter's length (BPF_MAXINSNS).
+pub const MAX_INSTRUCTIONS: usize = 4096;
 
 /// Checks that `name` is a system call libseccomp knows on x86-64 or i386.
 pub fn check_syscall_name(name: &str) -> Result<(), String> {
@@ -182,16 +217,13 @@ pub fn build(extra: &[String], audit: bool) -> Result<Filter> {
 
     let mut names: Vec<&str> = ALWAYS_DENIED.to_vec();
     names.extend(extra.iter().map(String::as_str));
+    if names.contains(&"clone") {
+        // Without these, denying clone would not stop the agent creating processes.
+        names.extend(["fork", "vfork", "clone3"]);
+    }
     names.sort_unstable();
     names.dedup();
-    for name in names {
-        if name == "clone" || name == "clone3" || name == "unshare" {
-            // Denied outright by the profile: no flag conditions needed.
-            let sys = ScmpSyscall::from_name(name)?;
-            ctx.add_rule(deny, sys)
-                .with_context(|| format!("seccomp rule for {name}"))?;
-            continue;
-        }
+    for name in &names {
         // For a call missing from the x86-64 table (stime), libseccomp returns a
         // pseudo-number that it maps on the architectures that have the call.
         let sys = ScmpSyscall::from_name(name)
@@ -199,55 +231,55 @@ pub fn build(extra: &[String], audit: bool) -> Result<Filter> {
         ctx.add_rule(deny, sys)
             .with_context(|| format!("seccomp rule for {name}"))?;
     }
-    if !extra.iter().any(|n| n == "clone" || n == "unshare") {
-        for sys in ["clone", "unshare"] {
-            for (flag_name, flag) in NAMESPACE_FLAGS {
-                ctx.add_rule_conditional(
-                    deny,
-                    ScmpSyscall::from_name(sys)?,
-                    &[ScmpArgCompare::new(
-                        0,
-                        ScmpCompareOp::MaskedEqual(*flag),
-                        *flag,
-                    )],
-                )
-                .with_context(|| format!("seccomp rule for {sys} with {flag_name}"))?;
-            }
+    // The calls below are denied only with some arguments, unless denied outright above.
+    let outright = |name: &str| names.contains(&name);
+    let mut deny_if = |name: &str, what: &str, conditions: &[ScmpArgCompare]| -> Result<()> {
+        ctx.add_rule_conditional(deny, ScmpSyscall::from_name(name)?, conditions)
+            .with_context(|| format!("seccomp rule for {name} with {what}"))?;
+        Ok(())
+    };
+    for sys in ["clone", "unshare"].into_iter().filter(|s| !outright(s)) {
+        for (flag_name, flag) in NAMESPACE_FLAGS {
+            let masked = ScmpCompareOp::MaskedEqual(*flag);
+            deny_if(sys, flag_name, &[ScmpArgCompare::new(0, masked, *flag)])?;
         }
     }
-    if !extra.iter().any(|n| n == "socket") {
-        let socket = ScmpSyscall::from_name("socket")?;
+    if !outright("socket") {
         // Every family number that is not allowed: the gaps between the allowed ones, and
         // everything above the highest.
         let allowed: Vec<u64> = ALLOWED_FAMILIES.iter().map(|(_, n)| *n).collect();
         let highest = *allowed.iter().max().expect("non-empty");
         for family in (0..highest).filter(|f| !allowed.contains(f)) {
-            ctx.add_rule_conditional(
-                deny,
-                socket,
-                &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, family)],
-            )
-            .with_context(|| format!("seccomp rule for socket family {family}"))?;
+            let equal = ScmpArgCompare::new(0, ScmpCompareOp::Equal, family);
+            deny_if("socket", &format!("family {family}"), &[equal])?;
         }
-        ctx.add_rule_conditional(
-            deny,
-            socket,
-            &[ScmpArgCompare::new(0, ScmpCompareOp::Greater, highest)],
-        )
-        .context("seccomp rule for socket families above AF_NETLINK")?;
-        ctx.add_rule_conditional(
-            deny,
-            socket,
-            &[
-                ScmpArgCompare::new(0, ScmpCompareOp::Equal, 16),
-                ScmpArgCompare::new(2, ScmpCompareOp::NotEqual, NETLINK_ROUTE),
-            ],
-        )
-        .context("seccomp rule for netlink protocols")?;
-        ctx.add_rule(deny, ScmpSyscall::from_name("socketcall")?)
-            .context("seccomp rule for socketcall")?;
+        let above = ScmpArgCompare::new(0, ScmpCompareOp::Greater, highest);
+        deny_if("socket", "families above AF_NETLINK", &[above])?;
+        let netlink = [
+            ScmpArgCompare::new(0, ScmpCompareOp::Equal, 16),
+            ScmpArgCompare::new(2, ScmpCompareOp::NotEqual, NETLINK_ROUTE),
+        ];
+        deny_if("socket", "netlink protocols", &netlink)?;
     }
-    if !extra.iter().any(|n| n == "clone3") {
+    if !outright("socketpair") {
+        let not_unix = ScmpArgCompare::new(0, ScmpCompareOp::NotEqual, 1);
+        deny_if("socketpair", "families other than AF_UNIX", &[not_unix])?;
+    }
+    if !outright("personality") {
+        let change = ScmpArgCompare::new(0, ScmpCompareOp::NotEqual, PERSONALITY_QUERY);
+        deny_if("personality", "anything but the query", &[change])?;
+    }
+    if !outright("ioctl") {
+        for (request_name, request) in DENIED_IOCTLS {
+            let low32 = ScmpCompareOp::MaskedEqual(0xffff_ffff);
+            deny_if(
+                "ioctl",
+                request_name,
+                &[ScmpArgCompare::new(1, low32, *request)],
+            )?;
+        }
+    }
+    if !outright("clone3") {
         let enosys = if audit {
             ScmpAction::Log
         } else {
@@ -273,10 +305,17 @@ fn export(ctx: &ScmpFilterContext) -> Result<Filter> {
     file.seek(SeekFrom::Start(0))?;
     let mut program = Vec::new();
     file.read_to_end(&mut program)?;
-    if program.is_empty() || program.len() % 8 != 0 || program.len() / 8 > u16::MAX as usize {
+    if program.is_empty() || program.len() % 8 != 0 {
         bail!(
             "libseccomp exported a malformed filter ({} bytes)",
             program.len()
+        );
+    }
+    let len = program.len() / 8;
+    if len > MAX_INSTRUCTIONS {
+        bail!(
+            "the seccomp filter has {len} instructions, more than the kernel's limit of \
+             {MAX_INSTRUCTIONS}: deny fewer system calls in seccomp.deny"
         );
     }
     Ok(Filter { program })
@@ -304,5 +343,89 @@ mod tests {
         );
         assert!(build(&[], true).unwrap().len() > 50);
         assert!(build(&["nope".to_string()], false).is_err());
+    }
+
+    /// The errno of `call` made in a forked child, under `filter` if there is one (0: the
+    /// call succeeded).
+    fn errno_in_child(filter: Option<&Filter>, call: impl Fn() -> libc::c_long) -> i32 {
+        // SAFETY: the child (of a multi-threaded test process) makes system calls only.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+            if pid == 0 {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    libc::_exit(200);
+                }
+                if filter.is_some_and(|f| f.install().is_err()) {
+                    libc::_exit(201);
+                }
+                let e = if call() < 0 {
+                    *libc::__errno_location()
+                } else {
+                    0
+                };
+                libc::_exit(e);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            assert!(libc::WIFEXITED(status), "wait status {status:#x}");
+            libc::WEXITSTATUS(status)
+        }
+    }
+
+    #[test]
+    fn denying_clone_or_unshare_keeps_the_namespace_rules_of_the_other() {
+        // Invalid flag combinations: without a filter both calls fail with EINVAL before
+        // any permission check, whoever runs the test; EPERM can only come from the filter.
+        // SAFETY (both): system calls with integer arguments only.
+        let unshare =
+            || unsafe { libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER | libc::CLONE_VFORK) };
+        let clone = || unsafe {
+            let flags = libc::CLONE_NEWUSER | libc::CLONE_FS | libc::SIGCHLD;
+            libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0)
+        };
+        assert_eq!(errno_in_child(None, unshare), libc::EINVAL);
+        assert_eq!(errno_in_child(None, clone), libc::EINVAL);
+        for extra in [&[][..], &["clone"], &["unshare"], &["clone", "unshare"]] {
+            let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            let filter = build(&extra, false).unwrap();
+            for (name, call) in [("unshare", &unshare as &dyn Fn() -> _), ("clone", &clone)] {
+                assert_eq!(
+                    errno_in_child(Some(&filter), call),
+                    libc::EPERM,
+                    "{name}(CLONE_NEWUSER) with seccomp.deny = {extra:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_deny_list_stays_under_the_kernel_limit() {
+        // Every system call in the x86-64 table.
+        let all: Vec<String> = (0..1024)
+            .filter_map(|n| ScmpSyscall::from(n).get_name_by_arch(ScmpArch::X8664).ok())
+            .collect();
+        assert!(all.len() > 300, "{} names", all.len());
+        let default = build(&[], false).unwrap().len();
+        let long = build(&all, false).unwrap().len();
+        println!(
+            "seccomp filter: {default} instructions by default, {long} with all {} x86-64 \
+             system calls in seccomp.deny (limit {MAX_INSTRUCTIONS})",
+            all.len()
+        );
+        assert!(default <= MAX_INSTRUCTIONS && long <= MAX_INSTRUCTIONS);
+    }
+
+    #[test]
+    fn a_filter_over_the_kernel_limit_is_refused() {
+        let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).unwrap();
+        let ioctl = ScmpSyscall::from_name("ioctl").unwrap();
+        for request in 0..(MAX_INSTRUCTIONS as u64) {
+            let equal = ScmpArgCompare::new(1, ScmpCompareOp::Equal, request);
+            ctx.add_rule_conditional(ScmpAction::Errno(libc::EPERM), ioctl, &[equal])
+                .unwrap();
+        }
+        let e = format!("{:#}", export(&ctx).err().expect("too long"));
+        assert!(e.contains("more than the kernel's limit of 4096"), "{e}");
     }
 }

@@ -18,6 +18,8 @@ const OPEN: &str = "name = \"open\"\nversion = \"1.0.0\"\ndescription = \"test\"
 /// Keeps every capability: lets the seccomp test tell the filter's EPERM from a missing
 /// capability's.
 const ALLCAPS: &str = "name = \"allcaps\"\nversion = \"1.0.0\"\n[files]\ndefault = \"allow\"\n[process]\ncapabilities = [\"ALL\"]\n";
+/// ALLCAPS with `clone` denied outright.
+const NOCLONE: &str = "name = \"noclone\"\nversion = \"1.0.0\"\n[files]\ndefault = \"allow\"\n[process]\ncapabilities = [\"ALL\"]\n[seccomp]\ndeny = [\"clone\"]\n";
 
 fn act() -> String {
     act_bin!().display().to_string()
@@ -207,6 +209,33 @@ fn denied_syscalls_fail_with_eperm_natively_and_through_int_0x80() {
         "quotactl",
         "clone(CLONE_NEWUSER)",
         "clone(CLONE_NEWPID)",
+        "pidfd_getfd",
+        "kcmp",
+        "process_madvise",
+        "move_pages",
+        "migrate_pages",
+        "quotactl_fd",
+        "syslog",
+        "lookup_dcookie",
+        "modify_ldt",
+        "uselib",
+        "name_to_handle_at",
+        "socketpair(AF_INET)",
+        "socketpair(AF_PACKET)",
+        "personality(ADDR_NO_RANDOMIZE)",
+        "ioctl(TIOCSTI)",
+        "ioctl(TIOCSTI with high bits)",
+        "ioctl(TIOCLINUX)",
+    ];
+    /// Calls the filter leaves alone (with the arguments agentd-act uses).
+    const ALLOWED: &[&str] = &[
+        "getpid",
+        "unshare(CLONE_FILES)",
+        "socketpair(AF_UNIX)",
+        "personality(query)",
+        "ioctl(TIOCGWINSZ)",
+        "fork",
+        "vfork",
     ];
     let d = TestDaemon::start(&[("allcaps", ALLCAPS)]);
     let act = act();
@@ -267,15 +296,63 @@ fn denied_syscalls_fail_with_eperm_natively_and_through_int_0x80() {
             libc::ENOSYS,
             "{entry} clone3 makes libc fall back to clone"
         );
-        assert!(
-            agent["detail"]["getpid"]["ok"].is_u64(),
-            "{entry} other calls still work: {}",
-            agent["detail"]["getpid"]
-        );
-        assert_eq!(
-            agent["detail"]["unshare(CLONE_FILES)"]["ok"], 0,
-            "{entry} unshare without namespace flags works"
-        );
+        for name in ALLOWED {
+            assert!(
+                agent["detail"][name]["ok"].is_u64(),
+                "{entry} {name} still works in the agent: {}",
+                agent["detail"][name]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_profile_denying_clone_keeps_unshare_namespace_rules_and_denies_every_fork() {
+    const DENIED: &[&str] = &[
+        "unshare(CLONE_NEWUSER)",
+        "unshare(CLONE_NEWNET)",
+        "unshare(CLONE_NEWNS)",
+        "clone(CLONE_NEWUSER)",
+        "fork",
+        "vfork",
+        "clone3",
+    ];
+    let d = TestDaemon::start(&[("noclone", NOCLONE)]);
+    let act = act();
+    // As in the test above: root with every capability, so only the filter says EPERM.
+    // The agent cannot fork, so agentd-act makes the calls in its own process.
+    for (op, here) in [
+        ("syscalls", "syscalls-here"),
+        ("syscalls32", "syscalls32-here"),
+    ] {
+        let baseline = last_json(&Command::new(&act).arg(op).output().unwrap());
+        let mut args = vec![
+            "--profile",
+            "noclone",
+            "--user",
+            "root",
+            "--degraded-ok",
+            "--",
+            &act,
+            here,
+        ];
+        args.extend(DENIED);
+        args.extend(["unshare(CLONE_FILES)", "getpid"]);
+        let out = d.run(&args);
+        assert!(out.status.success(), "{here}: {}", stderr(&out));
+        let agent = last_json(&out);
+        for name in DENIED {
+            let b = &baseline["detail"][name];
+            assert_ne!(b["errno"], libc::EPERM, "{op} {name}: {b}");
+            assert_eq!(
+                agent["detail"][name]["errno"],
+                libc::EPERM,
+                "{here} {name} with seccomp.deny = [\"clone\"]: {}",
+                agent["detail"][name]
+            );
+        }
+        assert_eq!(agent["detail"]["unshare(CLONE_FILES)"]["ok"], 0, "{here}");
+        assert!(agent["detail"]["getpid"]["ok"].is_u64(), "{here}");
     }
 }
 

@@ -8,6 +8,8 @@
 //!   ids                      uid, gid, groups, capability sets, no_new_privs, seccomp mode
 //!   syscalls                 each dangerous system call, natively, with harmless arguments
 //!   syscalls32               the same through `int 0x80` (the i386 entry point)
+//!   syscalls-here NAME...    the named calls of `syscalls`, in this process (no fork: for
+//!                            an agent that may not fork); syscalls32-here likewise
 //!   tree                     fork, double fork and setsid; report each process's cgroup,
 //!                            then wait (until killed) so they can be inspected
 //!   udp-send ADDR:PORT       send one UDP datagram "agentd-act" (unconnected sendto)
@@ -48,7 +50,7 @@ fn report(op: &str, result: Result<Value, Error>) {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: agentd-act connect ADDR:PORT | open PATH read|write | open-many PATH N | cgroup | ids | syscalls | syscalls32 | tree | env | fds | sleep SECS | exit CODE"
+        "usage: agentd-act connect ADDR:PORT | open PATH read|write | open-many PATH N | cgroup | ids | syscalls | syscalls32 | syscalls-here NAME... | syscalls32-here NAME... | tree | env | fds | sleep SECS | exit CODE"
     );
     std::process::exit(2);
 }
@@ -76,7 +78,8 @@ fn status_field(name: &str) -> String {
 
 /// A dangerous call: name, x86-64 number, i386 number (0: none), arguments chosen so that
 /// without a filter the call fails harmlessly with something other than EPERM (or, for
-/// the namespace and time calls, succeeds without effect).
+/// the namespace, time, fork, personality and terminal calls, succeeds without effect:
+/// each is made in a child of its own, and the terminal is a pty of our own).
 struct Call {
     name: &'static str,
     nr64: i64,
@@ -87,8 +90,54 @@ struct Call {
 const NONE: u64 = 0;
 const MINUS1: u64 = u64::MAX;
 
-fn calls() -> Vec<Call> {
+/// What the calls point at: a pty of our own (never the terminal we were started from)
+/// and a zeroed page below 4 GiB, so that `int 0x80` can pass its address.
+struct Scratch {
+    tty: u64,
+    page: u64,
+}
+
+impl Scratch {
+    /// Failures leave -1 or 0, which the calls then report (EBADF, EFAULT).
+    fn new() -> Scratch {
+        // SAFETY: plain calls; ptsname_r writes into the buffer it is given.
+        unsafe {
+            let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+            let mut name = [0 as libc::c_char; 64];
+            let tty = if master >= 0
+                && libc::grantpt(master) == 0
+                && libc::unlockpt(master) == 0
+                && libc::ptsname_r(master, name.as_mut_ptr(), name.len()) == 0
+            {
+                libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY)
+            } else {
+                -1
+            };
+            let page = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+                -1,
+                0,
+            );
+            Scratch {
+                tty: tty as u64,
+                page: if page == libc::MAP_FAILED {
+                    0
+                } else {
+                    page as u64
+                },
+            }
+        }
+    }
+}
+
+fn calls(s: &Scratch) -> Vec<Call> {
     use libc::*;
+    // The byte at page+0 (0) is TIOCSTI's character and TIOCLINUX's subcode; calls that
+    // write get their own part of the page.
+    let (byte, winsize, pair) = (s.page, s.page + 64, s.page + 128);
     let c = |name, nr64, nr32, args| Call {
         name,
         nr64,
@@ -228,6 +277,94 @@ fn calls() -> Vec<Call> {
             310,
             [CLONE_FILES as u64, 0, 0, 0, 0, 0],
         ),
+        c("pidfd_getfd", SYS_pidfd_getfd, 438, [MINUS1, 0, 0, 0, 0, 0]),
+        c("kcmp", SYS_kcmp, 349, [0, 0, 0, 0, 0, 0]),
+        c(
+            "process_madvise",
+            SYS_process_madvise,
+            440,
+            [MINUS1, 0, 0, 0, 0, 0],
+        ),
+        c("move_pages", SYS_move_pages, 317, [0, 0, 0, 0, 0, 0xffff]),
+        c(
+            "migrate_pages",
+            SYS_migrate_pages,
+            294,
+            [MINUS1, 0, 0, 0, 0, 0],
+        ),
+        c("quotactl_fd", SYS_quotactl_fd, 443, [MINUS1, 0, 0, 0, 0, 0]),
+        c("syslog", SYS_syslog, 103, [9999, 0, 0, 0, 0, 0]),
+        c(
+            "lookup_dcookie",
+            SYS_lookup_dcookie,
+            253,
+            [0, 0, 0, 0, 0, 0],
+        ),
+        c("modify_ldt", SYS_modify_ldt, 123, [0, 0, 0, 0, 0, 0]),
+        c("uselib", SYS_uselib, 86, [0, 0, 0, 0, 0, 0]),
+        c(
+            "name_to_handle_at",
+            SYS_name_to_handle_at,
+            341,
+            [MINUS1, 0, 0, 0, 0xffff_0000, 0],
+        ),
+        c(
+            "socketpair(AF_INET)",
+            SYS_socketpair,
+            360,
+            [AF_INET as u64, SOCK_STREAM as u64, 0, pair, 0, 0],
+        ),
+        c(
+            "socketpair(AF_PACKET)",
+            SYS_socketpair,
+            360,
+            [AF_PACKET as u64, SOCK_DGRAM as u64, 0, pair, 0, 0],
+        ),
+        c(
+            "socketpair(AF_UNIX)",
+            SYS_socketpair,
+            360,
+            [AF_UNIX as u64, SOCK_STREAM as u64, 0, pair, 0, 0],
+        ),
+        c(
+            "personality(query)",
+            SYS_personality,
+            136,
+            [0xffff_ffff, 0, 0, 0, 0, 0],
+        ),
+        c(
+            "personality(ADDR_NO_RANDOMIZE)",
+            SYS_personality,
+            136,
+            [ADDR_NO_RANDOMIZE as u64, 0, 0, 0, 0, 0],
+        ),
+        c(
+            "ioctl(TIOCSTI)",
+            SYS_ioctl,
+            54,
+            [s.tty, TIOCSTI, byte, 0, 0, 0],
+        ),
+        // The kernel reads the request's low 32 bits only.
+        c(
+            "ioctl(TIOCSTI with high bits)",
+            SYS_ioctl,
+            54,
+            [s.tty, 0xffff_ffff_0000_0000 | TIOCSTI, byte, 0, 0, 0],
+        ),
+        c(
+            "ioctl(TIOCLINUX)",
+            SYS_ioctl,
+            54,
+            [s.tty, TIOCLINUX, byte, 0, 0, 0],
+        ),
+        c(
+            "ioctl(TIOCGWINSZ)",
+            SYS_ioctl,
+            54,
+            [s.tty, TIOCGWINSZ, winsize, 0, 0, 0],
+        ),
+        c("fork", SYS_fork, 2, [0; 6]),
+        c("vfork", SYS_vfork, 190, [0; 6]),
         c("getpid", SYS_getpid, 20, [0; 6]),
     ]
     .into_iter()
@@ -241,20 +378,61 @@ fn calls() -> Vec<Call> {
     .collect()
 }
 
-/// After a clone that succeeded, the child leaves at once.
+/// After a clone or fork that succeeded, the child leaves at once.
 fn leave_if_child(name: &str, ret: i64) {
-    if name.starts_with("clone(") && ret == 0 {
+    let forks = name.starts_with("clone(") || name == "fork" || name == "vfork";
+    if forks && ret == 0 {
         // SAFETY: exit the forked child without running anything of the parent's.
         unsafe { libc::syscall(libc::SYS_exit_group, 0) };
     }
-    if name.starts_with("clone(") && ret > 0 {
+    if forks && ret > 0 {
         let mut status = 0;
         // SAFETY: reap the child we just created.
         unsafe { libc::waitpid(ret as i32, &mut status, libc::__WALL) };
     }
 }
 
+/// vfork whose child exits at once, before touching the stack it shares with its parent
+/// (nobody reads its exit status); returns the raw result (-errno on error).
+fn vfork(via_int80: bool) -> i64 {
+    // SAFETY: the child only makes the exit_group call; the parent continues as usual.
+    unsafe {
+        if via_int80 {
+            let mut eax: u64 = 190;
+            core::arch::asm!(
+                "int 0x80",
+                "test eax, eax",
+                "jnz 2f",
+                "mov eax, 252",
+                "int 0x80",
+                "2:",
+                inout("rax") eax,
+            );
+            eax as u32 as i32 as i64
+        } else {
+            let mut rax: u64 = libc::SYS_vfork as u64;
+            core::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                "mov eax, 231",
+                "syscall",
+                "2:",
+                inout("rax") rax,
+                out("rcx") _,
+                out("r11") _,
+            );
+            rax as i64
+        }
+    }
+}
+
 fn native(c: &Call) -> i64 {
+    if c.name == "vfork" {
+        let ret = vfork(false);
+        leave_if_child(c.name, ret);
+        return ret;
+    }
     let a = c.args;
     // SAFETY: every call gets arguments that make it fail or do nothing (see calls()).
     let r = unsafe { libc::syscall(c.nr64, a[0], a[1], a[2], a[3], a[4], a[5]) };
@@ -269,6 +447,11 @@ fn native(c: &Call) -> i64 {
 
 /// A system call through the i386 entry point; returns the raw result (-errno on error).
 fn int80(c: &Call) -> i64 {
+    if c.name == "vfork" {
+        let ret = vfork(true);
+        leave_if_child(c.name, ret);
+        return ret;
+    }
     let a: Vec<u32> = c.args.iter().map(|x| *x as u32).collect();
     let mut eax = c.nr32 as u64;
     // SAFETY: as for native(); rbx and rbp are saved and restored around the trap.
@@ -321,16 +504,20 @@ fn isolated(f: impl FnOnce() -> i64) -> i64 {
     }
 }
 
-fn syscalls(via_int80: bool) -> Value {
+/// Every call, each in a child of its own; or, with `here`, only the calls it names, in
+/// this process.
+fn syscalls(via_int80: bool, here: Option<&[&str]>) -> Value {
+    let scratch = Scratch::new();
     let mut out = BTreeMap::new();
-    for c in calls() {
+    for c in calls(&scratch) {
         if via_int80 && c.nr32 == u32::MAX {
             continue;
         }
-        let r = if via_int80 {
-            isolated(|| int80(&c))
-        } else {
-            isolated(|| native(&c))
+        let call = || if via_int80 { int80(&c) } else { native(&c) };
+        let r = match here {
+            None => isolated(call),
+            Some(names) if names.contains(&c.name) => call(),
+            Some(_) => continue,
         };
         out.insert(
             c.name.to_string(),
@@ -503,8 +690,12 @@ fn main() {
                 })),
             );
         }
-        ["syscalls"] => report("syscalls", Ok(syscalls(false))),
-        ["syscalls32"] => report("syscalls32", Ok(syscalls(true))),
+        ["syscalls"] => report("syscalls", Ok(syscalls(false, None))),
+        ["syscalls32"] => report("syscalls32", Ok(syscalls(true, None))),
+        ["syscalls-here", names @ ..] => report("syscalls-here", Ok(syscalls(false, Some(names)))),
+        ["syscalls32-here", names @ ..] => {
+            report("syscalls32-here", Ok(syscalls(true, Some(names))))
+        }
         ["tree"] => {
             report("tree", tree());
             loop {

@@ -16,6 +16,8 @@ pub const MAX_AGENTS: u32 = 4096;
 pub const AGENT_FLAG_AUDIT: u32 = 1 << 0;
 /// The kill switch was thrown for this agent: everything it tries is refused.
 pub const AGENT_FLAG_KILLED: u32 = 1 << 1;
+/// The agent has rate budgets: the `sys_enter` budget program charges it.
+pub const AGENT_FLAG_BUDGETS: u32 = 1 << 2;
 
 /// Per-agent state the kernel programs consult before any rule.
 #[repr(C)]

@@ -20,6 +20,8 @@ pub const EVENT_NET: u32 = 1;
 pub const EVENT_FILE: u32 = 2;
 /// `EventHeader::kind`: a [`ProcEvent`] follows.
 pub const EVENT_PROC: u32 = 3;
+/// `EventHeader::kind`: a [`BudgetEvent`] follows.
+pub const EVENT_BUDGET: u32 = 4;
 
 /// `EventHeader::hook`: the kernel hook that decided.
 pub const HOOK_CONNECT4: u32 = 1;
@@ -45,6 +47,8 @@ pub const HOOK_PATH_CHOWN: u32 = 18;
 pub const HOOK_SYSCALL_EXIT: u32 = 19;
 pub const HOOK_PTRACE: u32 = 20;
 pub const HOOK_TASK_KILL: u32 = 21;
+/// A rate budget was found empty on system call entry (`budgets`).
+pub const HOOK_SYS_ENTER: u32 = 22;
 
 /// `EventHeader::verdict`: the operation was refused.
 pub const VERDICT_DENY: u32 = 1;
@@ -155,4 +159,24 @@ pub struct ProcEvent {
     pub target_agent: u64,
 }
 
-pod!(EventHeader, NetEvent, FileEvent, ProcEvent);
+/// A rate budget found empty (verdict: `VERDICT_DENY`, whatever the action).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BudgetEvent {
+    pub header: EventHeader,
+    /// `budgets` class id and `budgets::ACTION_*`.
+    pub class: u32,
+    pub action: u32,
+    /// The bucket's rate (per second) and burst.
+    pub rate: u64,
+    pub burst: u64,
+    /// Tokens missing for the next operation: 1 + what was taken beyond the allowance.
+    pub deficit: u64,
+    /// Times the bucket was found empty so far.
+    pub exhausted: u64,
+    /// x86-64 system call number that found it empty.
+    pub syscall: u32,
+    pub _pad: u32,
+}
+
+pod!(EventHeader, NetEvent, FileEvent, ProcEvent, BudgetEvent);

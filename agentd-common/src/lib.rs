@@ -6,11 +6,12 @@
 //! same bytes. With the `user` feature each type implements `aya::Pod`.
 //!
 //! One module per enforcement area, named like its kernel and userspace twins:
-//! [`agent`] (identity), [`network`], [`files`], [`events`].
+//! [`agent`] (identity), [`network`], [`files`], [`budgets`], [`events`].
 
 #![no_std]
 
 pub mod agent;
+pub mod budgets;
 pub mod events;
 pub mod files;
 pub mod network;

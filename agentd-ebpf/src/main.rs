@@ -16,8 +16,12 @@
 
 #![no_std]
 #![no_main]
+// Atomic adds on map values (budgets): core's atomics have no RMW for the BPF target.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod agent;
+mod budgets;
 mod events;
 mod files;
 mod kernel;

@@ -28,6 +28,7 @@ pub enum Event {
     Net(NetEvent),
     File(Box<FileEvent>),
     Proc(ProcEvent),
+    Budget(BudgetEvent),
 }
 
 impl Event {
@@ -36,6 +37,7 @@ impl Event {
             Event::Net(e) => &e.header,
             Event::File(e) => &e.header,
             Event::Proc(e) => &e.header,
+            Event::Budget(e) => &e.header,
         }
     }
 }
@@ -56,6 +58,7 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
         EVENT_NET => read(bytes).map(Event::Net),
         EVENT_FILE => read(bytes).map(|f| Event::File(Box::new(f))),
         EVENT_PROC => read(bytes).map(Event::Proc),
+        EVENT_BUDGET => read(bytes).map(Event::Budget),
         _ => None,
     }
 }
@@ -100,6 +103,7 @@ pub fn hook(h: u32) -> &'static str {
         HOOK_SYSCALL_EXIT => "sys_exit",
         HOOK_PTRACE => "ptrace_access_check",
         HOOK_TASK_KILL => "task_kill",
+        HOOK_SYS_ENTER => "sys_enter",
         _ => "unknown hook",
     }
 }
@@ -315,6 +319,14 @@ impl fmt::Display for Event {
                         verdict(h.verdict)
                     )?;
                 }
+            }
+            Event::Budget(e) => {
+                let action = crate::budgets::Action::from_code(e.action).map_or("?", |a| a.name());
+                write!(
+                    f,
+                    "budget class {} exhausted ({}/s, burst {}; {} times so far) at system call {}: {action}",
+                    e.class, e.rate, e.burst, e.exhausted, e.syscall
+                )?;
             }
         }
         write!(

@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod btf;
+pub mod budgets;
 pub mod caps;
 pub mod cgroup;
 pub mod client;

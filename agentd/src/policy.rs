@@ -234,6 +234,9 @@ pub struct Policy {
     /// System calls denied beyond agentd's own list.
     pub seccomp_deny: BTreeSet<String>,
     pub rlimits: BTreeMap<String, u64>,
+    /// Rate budgets by class name.
+    #[serde(default)]
+    pub budgets: BTreeMap<String, crate::budgets::Budget>,
     pub environment: EnvRules,
     /// Changes made on the command line, as given (for `inspect`).
     pub adjustments: Vec<String>,
@@ -277,6 +280,7 @@ impl Policy {
             capabilities: BTreeSet::new(),
             seccomp_deny: BTreeSet::new(),
             rlimits: BTreeMap::new(),
+            budgets: BTreeMap::new(),
             environment: EnvRules::default(),
             adjustments: Vec::new(),
             narrowed_by: None,
@@ -313,6 +317,7 @@ impl Policy {
             capabilities: p.capabilities.iter().copied().collect(),
             seccomp_deny: p.seccomp_deny.iter().cloned().collect(),
             rlimits: p.rlimits.clone(),
+            budgets: p.budgets.clone(),
             environment: p.environment.clone(),
             adjustments: Vec::new(),
             narrowed_by: None,
@@ -406,6 +411,7 @@ impl Policy {
                 .cloned()
                 .collect(),
             rlimits,
+            budgets: crate::budgets::intersect(&self.budgets, &parent.budgets),
             environment,
             adjustments: self.adjustments.clone(),
             narrowed_by: Some(parent_name.to_string()),

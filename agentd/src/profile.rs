@@ -22,11 +22,15 @@
 //! capabilities = []          # kept (those the daemon has), e.g. ["CAP_NET_BIND_SERVICE"]
 //!
 //! [seccomp]
-//! deny = ["personality"]     # syscalls denied (EPERM) on top of agentd's own list
+//! deny = ["mincore"]         # syscalls denied (EPERM) on top of agentd's own list
 //!
 //! [rlimits]                  # integers, sizes ("512M", "4G") or "unlimited"
 //! nofile = 1024
 //! as = "8G"
+//!
+//! [budgets.syscalls]        # rate budgets: see crate::budgets
+//! rate = 50000               # per second; burst defaults to the rate
+//! action = "kill"            # "log", "throttle" or "kill"
 //!
 //! [environment]
 //! remove = ["MY_*"]          # on top of agentd's list of secret-looking names
@@ -292,6 +296,8 @@ pub struct Profile {
     pub seccomp_deny: Vec<String>,
     /// Resource limits (`RLIMIT_*` name in lower case → value; `u64::MAX` = unlimited).
     pub rlimits: BTreeMap<String, u64>,
+    /// Rate budgets by class name (see [`crate::budgets`]).
+    pub budgets: BTreeMap<String, crate::budgets::Budget>,
     pub environment: EnvRules,
 }
 
@@ -315,7 +321,18 @@ struct RawProfile {
     #[serde(default)]
     rlimits: RawRlimits,
     #[serde(default)]
+    budgets: BTreeMap<String, Spanned<RawBudget>>,
+    #[serde(default)]
     environment: RawEnvironment,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    rate: Spanned<i64>,
+    burst: Option<Spanned<i64>>,
+    action: Option<Spanned<String>>,
+    syscalls: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -784,6 +801,48 @@ pub fn parse(text: &str, source: &str) -> Result<Profile, ProfileError> {
         }
     }
 
+    let mut budgets = BTreeMap::new();
+    for (class, raw_budget) in &raw.budgets {
+        let b = raw_budget.get_ref();
+        if !valid_name(class) {
+            return Err(loc.at(
+                raw_budget.span(),
+                format!("budgets.{class}: class names are letters, digits, `.`, `_`, `-`"),
+            ));
+        }
+        let action = match &b.action {
+            Some(a) => crate::budgets::Action::parse(a.get_ref())
+                .map_err(|e| loc.at(a.span(), format!("budgets.{class}.action: {e}")))?,
+            None => crate::budgets::Action::Log,
+        };
+        let names: Option<Vec<String>> = b
+            .syscalls
+            .as_ref()
+            .map(|l| l.get_ref().iter().map(|s| s.get_ref().clone()).collect());
+        let budget = crate::budgets::build(
+            class,
+            *b.rate.get_ref(),
+            b.burst.as_ref().map(|v| *v.get_ref()),
+            action,
+            names.as_deref(),
+        )
+        .map_err(|(key, e)| {
+            // Point at the value the message is about.
+            let span = match key {
+                "rate" => b.rate.span(),
+                "burst" => b.burst.as_ref().map_or(raw_budget.span(), |v| v.span()),
+                _ => b.syscalls.as_ref().map_or(raw_budget.span(), |v| {
+                    v.get_ref()
+                        .iter()
+                        .find(|s| e.contains(&format!("`{}`", s.get_ref())))
+                        .map_or(v.span(), |s| s.span())
+                }),
+            };
+            loc.at(span, format!("budgets.{class}.{key}: {e}"))
+        })?;
+        budgets.insert(class.clone(), budget);
+    }
+
     let mut environment = EnvRules::default();
     for (list, key, out) in [
         (&raw.environment.remove, "remove", &mut environment.remove),
@@ -821,6 +880,7 @@ pub fn parse(text: &str, source: &str) -> Result<Profile, ProfileError> {
         capabilities,
         seccomp_deny,
         rlimits,
+        budgets,
         environment,
     })
 }
@@ -1003,6 +1063,18 @@ set = { PIP_NO_INPUT = "1" }
             (
                 "[seccomp]\ndeny = [\"not_a_syscall\"]",
                 "p.toml:4:9: seccomp.deny: `not_a_syscall` is not a system call",
+            ),
+            (
+                "[budgets.syscalls]\nrate = 0",
+                "p.toml:4:8: budgets.syscalls.rate: 0 is not between 1 and 10000000 per second",
+            ),
+            (
+                "[budgets.mine]\nrate = 5\nsyscalls = [\"getpid\", \"nope\"]",
+                "p.toml:5:23: budgets.mine.syscalls: `nope` is not an x86-64 system call",
+            ),
+            (
+                "[budgets.syscalls]\nrate = 5\naction = \"deny\"",
+                "p.toml:5:10: budgets.syscalls.action: `deny` (fail with EAGAIN) is not offered yet: use \"log\", \"throttle\" or \"kill\"",
             ),
             (
                 "[process]\ncapabilities = [\"CAP_FLY\"]",

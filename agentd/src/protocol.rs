@@ -131,6 +131,9 @@ pub struct Counters {
     pub dns_answered: u64,
     /// DNS queries refused (names the policy does not allow).
     pub dns_refused: u64,
+    /// Times a rate budget was found empty (reported at most once a second per budget).
+    #[serde(default)]
+    pub budget_exhausted: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

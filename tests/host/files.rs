@@ -333,7 +333,7 @@ fn a_root_agent_is_refused_without_degraded_ok_on_a_host_without_bpf_lsm() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("this host cannot enforce all of the profile's file rules")
+        err.contains("this host cannot enforce all of the profile's rules")
             && err.contains("--degraded-ok"),
         "{err}"
     );

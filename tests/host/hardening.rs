@@ -94,18 +94,21 @@ fn the_working_directory_is_entered_as_the_agents_user() {
     std::fs::create_dir(&closed).unwrap();
     std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
     let act = act_bin!().display().to_string();
-    let out = d.run(&[
-        "--profile",
-        "open",
-        "--user",
-        "nobody",
-        "--workdir",
-        closed.to_str().unwrap(),
-        "--",
-        &act,
-        "exit",
-        "0",
-    ]);
+    let run = || {
+        d.run(&[
+            "--profile",
+            "open",
+            "--user",
+            "nobody",
+            "--workdir",
+            closed.to_str().unwrap(),
+            "--",
+            &act,
+            "exit",
+            "0",
+        ])
+    };
+    let out = run();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(
         out.status.code(),
@@ -119,18 +122,7 @@ fn the_working_directory_is_entered_as_the_agents_user() {
     assert!(d.agent_cgroups().is_empty(), "nothing is left behind");
     // The same directory opened to its user works.
     std::os::unix::fs::chown(&closed, Some(65534), Some(65534)).unwrap();
-    let out = d.run(&[
-        "--profile",
-        "open",
-        "--user",
-        "nobody",
-        "--workdir",
-        closed.to_str().unwrap(),
-        "--",
-        &act,
-        "exit",
-        "0",
-    ]);
+    let out = run();
     assert!(
         out.status.success(),
         "{}",

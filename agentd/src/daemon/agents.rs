@@ -28,7 +28,7 @@ use std::{
 };
 
 use agentd_common::{
-    agent::{AGENT_FLAG_AUDIT, AgentEntry},
+    agent::{AGENT_FLAG_AUDIT, AGENT_FLAG_BUDGETS, AgentEntry},
     files::ACCESS_WRITE,
 };
 use anyhow::Result;
@@ -96,6 +96,8 @@ pub struct AgentState {
     /// Taken by teardown.
     cgroup: Mutex<Option<CgroupDir>>,
     cgroup_path: PathBuf,
+    /// A throttle (freeze until a budget refills) is under way.
+    throttled: std::sync::atomic::AtomicBool,
     /// Resolver tasks, stopped by teardown.
     resolver: Mutex<Option<dns::AgentResolver>>,
 }
@@ -276,6 +278,10 @@ fn entry_of(daemon: &Daemon, agent: &AgentState, live: &Live) -> AgentEntry {
             AGENT_FLAG_AUDIT
         } else {
             0
+        } | if live.policy.budgets.is_empty() {
+            0
+        } else {
+            AGENT_FLAG_BUDGETS
         },
         file_default_allow: live.policy.files.default_allow,
         policy_id: live.policy_id,
@@ -301,17 +307,29 @@ pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: b
     }
     let lsm = daemon.file_enforcers.lsm;
     let new_id = daemon.next_policy_id();
-    let written = network::apply(&mut kernel, new_id, &allowlist).and_then(|()| {
-        if lsm {
-            files::apply(
-                &mut kernel,
-                new_id,
-                &files::InodeRules::of(&live.policy.files),
-            )
-        } else {
-            Ok(())
-        }
-    });
+    let written = network::apply(&mut kernel, new_id, &allowlist)
+        .and_then(|()| {
+            if lsm {
+                files::apply(
+                    &mut kernel,
+                    new_id,
+                    &files::InodeRules::of(&live.policy.files),
+                )
+            } else {
+                Ok(())
+            }
+        })
+        // Budgets are keyed by agent: written (refilled) before the entry switches to them.
+        .and_then(|()| {
+            // Audit mode acts on nothing: budgets only report.
+            let mut budgets = live.policy.budgets.clone();
+            if live.policy.mode == Mode::Audit {
+                budgets
+                    .values_mut()
+                    .for_each(|b| b.action = crate::budgets::Action::Log);
+            }
+            crate::budgets::apply(&mut kernel, agent.id, &budgets)
+        });
     if let Err(e) = written {
         let _ = network::clear(&mut kernel, new_id);
         let _ = files::clear(&mut kernel, new_id);
@@ -529,7 +547,7 @@ fn prepare(
     let parent_policy_id = parent.as_ref().map(|p| p.live.locked().policy_id);
     let policy = effective(daemon, &requested, parent.as_deref());
     // What this host cannot enforce of the file rules: refused unless --degraded-ok.
-    let degraded = if policy.mode == Mode::Enforce {
+    let mut degraded = if policy.mode == Mode::Enforce {
         let owns_home = fs::metadata(&identity.home)
             .ok()
             .filter(|m| m.uid() == identity.uid)
@@ -543,9 +561,12 @@ fn prepare(
     } else {
         Vec::new()
     };
+    if let (false, Some(why)) = (policy.budgets.is_empty(), &daemon.budgets_unusable) {
+        degraded.push(format!("rate budgets ({why})"));
+    }
     if !degraded.is_empty() && !req.degraded_ok {
         return Err(refuse(format!(
-            "this host cannot enforce all of the profile's file rules:\n  - {}\nstart it anyway with --degraded-ok",
+            "this host cannot enforce all of the profile's rules:\n  - {}\nstart it anyway with --degraded-ok",
             degraded.join("\n  - ")
         )));
     }
@@ -647,6 +668,7 @@ fn prepare(
         cgroup: Mutex::new(Some(cgroup)),
         cgroup_path,
         resolver: Mutex::new(None),
+        throttled: std::sync::atomic::AtomicBool::new(false),
     };
     if let Err(e) = sync_kernel(daemon, &state, &mut live, true) {
         let mut kernel = daemon.kernel.locked();
@@ -744,6 +766,7 @@ pub fn update(daemon: &Daemon, req: &UpdateRequest) -> Result<Reply, Refusal> {
         }
     }
     narrow_children(daemon, &agent);
+    budget_hook(daemon);
     let policy = agent.live.locked().policy.clone();
     Ok(Reply::Updated {
         agent: Box::new(agent.info(daemon)),
@@ -793,6 +816,7 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
             let mut kernel = daemon.kernel.locked();
             let _ = agent::unregister(&mut kernel, a.id);
             let _ = network::clear(&mut kernel, policy_id);
+            let _ = crate::budgets::clear(&mut kernel, a.id);
             if daemon.file_enforcers.lsm {
                 let _ = files::clear(&mut kernel, policy_id);
             }
@@ -809,6 +833,7 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
         agents.remove(&a.name);
         agents.is_empty()
     };
+    budget_hook(daemon);
     daemon.counters.locked().remove(&a.id);
     daemon.denials.locked().remove(&a.id);
     if none_left {
@@ -853,6 +878,92 @@ async fn control_line(r: &mut (impl AsyncBufRead + Unpin)) -> Option<Vec<u8>> {
         .await
         .ok()?;
     line.pop_if(|b| *b == b'\n').map(|_| line)
+}
+
+/// Attaches the `sys_enter` budget program while some agent has budgets and detaches it
+/// when none has (it runs on every system call of the host). Returns whether it is
+/// attached.
+fn budget_hook(daemon: &Daemon) -> bool {
+    let all: Vec<Arc<AgentState>> = daemon.agents.locked().values().cloned().collect();
+    let wanted = daemon.budgets_unusable.is_none()
+        && all
+            .iter()
+            .any(|a| !a.live.locked().policy.budgets.is_empty());
+    let mut link = daemon.budget_hook.locked();
+    let mut kernel = daemon.kernel.locked();
+    match (wanted, link.take()) {
+        (true, None) => match crate::budgets::attach(&mut kernel) {
+            Ok(l) => *link = Some(l),
+            Err(e) => eprintln!("agentd: rate budgets are not enforced: {e:#}"),
+        },
+        (false, Some(l)) => {
+            if let Err(e) = crate::budgets::detach(&mut kernel, l) {
+                eprintln!("agentd: {e:#}");
+            }
+        }
+        (_, kept) => *link = kept,
+    }
+    link.is_some()
+}
+
+/// Acts on a budget found empty: kill the agent, or freeze it until the budget has
+/// refilled (the kernel already killed the process, or only reported). Returns the
+/// event's text with the class by name, or `None` if the agent is gone.
+pub fn on_budget(daemon: &Arc<Daemon>, e: &agentd_common::events::BudgetEvent) -> Option<String> {
+    use crate::budgets::Action;
+    let agent = daemon.agent_by_id(e.header.agent)?;
+    let class = crate::budgets::class_name(&agent.live.locked().policy.budgets, e.class)
+        .unwrap_or_else(|| e.class.to_string());
+    let action = Action::from_code(e.action)?;
+    let cgroup = agent.cgroup_path.clone();
+    let done = match action {
+        Action::Log => "reported".to_string(),
+        Action::Kill => {
+            let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+            "agent killed".to_string()
+        }
+        Action::Throttle => {
+            if !agent
+                .throttled
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                let _ = fs::write(cgroup.join("cgroup.freeze"), "1");
+                let key = agentd_common::budgets::BudgetKey {
+                    agent: agent.id,
+                    class: e.class,
+                    _pad: 0,
+                };
+                let (d, a) = (daemon.clone(), agent.clone());
+                tokio::spawn(async move {
+                    // Thawed once the bucket is full again: the calls made before the
+                    // freeze took hold were charged too, so the average holds.
+                    loop {
+                        let wait = crate::budgets::time_to_full(&d.kernel.locked(), key)
+                            .unwrap_or_default();
+                        if wait.is_zero() {
+                            break;
+                        }
+                        tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
+                    }
+                    let _ = fs::write(a.cgroup_path.join("cgroup.freeze"), "0");
+                    a.throttled
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+            "agent frozen until the budget refills".to_string()
+        }
+    };
+    let h = &e.header;
+    Some(format!(
+        "budget {class} exhausted ({}/s, burst {}; {} times) at system call {}: {done} (agent {}, pid {}, comm {}, hook sys_enter)",
+        e.rate,
+        e.burst,
+        e.exhausted,
+        e.syscall,
+        agent.name,
+        h.pid,
+        crate::events::comm(h)
+    ))
 }
 
 /// Signals a `run` client may forward to its agent.
@@ -906,6 +1017,22 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || narrow_children(&d, &parent)).await;
     }
     reporter(&daemon, true);
+    // Before the agent's first instruction: its budgets are charged from the start.
+    if !budget_hook(&daemon) && !state.live.locked().policy.budgets.is_empty() {
+        let (d, s) = (daemon.clone(), state.clone());
+        let _ = tokio::task::spawn_blocking(move || teardown(&d, &s)).await;
+        let message =
+            "the rate budget program could not be attached (see the daemon's log)".to_string();
+        let _ = send(
+            &mut stream,
+            &Reply::Error {
+                message,
+                exit_code: EXIT_AGENTD,
+            },
+        )
+        .await;
+        return;
+    }
     let mut child = match launcher::spawn(prepared.plan) {
         Ok(c) => c,
         Err(e) => {

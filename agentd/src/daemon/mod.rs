@@ -71,6 +71,11 @@ pub struct Daemon {
     pub protected: Vec<PathBuf>,
     /// The Landlock path's denial reporter, attached while agents run.
     pub reporter: Mutex<Option<aya::programs::raw_trace_point::RawTracePointLinkId>>,
+    /// Why rate budgets cannot be enforced here, if they cannot (the `sys_enter` program
+    /// did not load).
+    pub budgets_unusable: Option<String>,
+    /// The `sys_enter` budget program's link, attached while some agent has budgets.
+    pub budget_hook: Mutex<Option<aya::programs::raw_trace_point::RawTracePointLinkId>>,
     /// Recent denials by agent id, newest last (bounded: see [`RECENT_DENIALS`]).
     pub denials: Mutex<HashMap<u64, std::collections::VecDeque<crate::protocol::Denial>>>,
     /// Last BPF LSM file denial per thread (to drop the same denial's system call report).
@@ -245,6 +250,12 @@ pub async fn run(config: Config) -> Result<()> {
     crate::network::attach(&mut kernel, &root_file).context("attaching the egress programs")?;
     let reader = EventReader::take(&mut kernel)?;
     let file_enforcers = file_enforcers(&mut kernel, &config);
+    let budgets_unusable = crate::budgets::load(&mut kernel)
+        .err()
+        .map(|e| format!("{e:#}"));
+    if let Some(e) = &budgets_unusable {
+        eprintln!("agentd: rate budgets cannot be enforced: {e}");
+    }
     let enforcement = vec![
         "process: seccomp filter (x86-64, i386, x32), no_new_privs, capabilities dropped"
             .to_string(),
@@ -252,6 +263,10 @@ pub async fn run(config: Config) -> Result<()> {
          skb egress (backstop); DNS through agentd's resolver"
             .to_string(),
         file_enforcers.describe(),
+        match &budgets_unusable {
+            None => "budgets: raw tracepoint sys_enter (token buckets per agent and class; log, throttle, kill)".to_string(),
+            Some(_) => "budgets: NOT ENFORCED (the sys_enter program did not load)".to_string(),
+        },
     ];
     let protected = protected_paths(&config, &mount);
     let upstream = match &config.dns_upstream {
@@ -300,6 +315,8 @@ pub async fn run(config: Config) -> Result<()> {
         file_enforcers,
         protected,
         reporter: Mutex::new(None),
+        budgets_unusable,
+        budget_hook: Mutex::new(None),
         denials: Mutex::new(HashMap::new()),
         last_file_hook: Mutex::new(HashMap::new()),
     });
@@ -380,7 +397,7 @@ async fn pump_events(daemon: Arc<Daemon>, reader: EventReader) {
 }
 
 /// Counts an event and keeps it among the agent's recent denials.
-fn record(daemon: &Daemon, e: &Event) {
+fn record(daemon: &Arc<Daemon>, e: &Event) {
     use agentd_common::events::{HOOK_SYSCALL_EXIT, VERDICT_AUDIT};
     let h = e.header();
     // One denial, two reports: a BPF LSM hook refused a file access and the system call
@@ -415,6 +432,7 @@ fn record(daemon: &Daemon, e: &Event) {
             (Event::Net(_), _) => c.net_denied += 1,
             (Event::File(_), _) => c.file_denied += 1,
             (Event::Proc(_), _) => c.process_denied += 1,
+            (Event::Budget(_), _) => c.budget_exhausted += 1,
         }
     }
     let (path, resolved) = match e {
@@ -426,12 +444,17 @@ fn record(daemon: &Daemon, e: &Event) {
                 .map(|p| p.display().to_string());
             (Some(path), resolved)
         }
-        Event::Net(_) | Event::Proc(_) => (None, None),
+        Event::Net(_) | Event::Proc(_) | Event::Budget(_) => (None, None),
+    };
+    let text = match e {
+        // The class by its name, and what was done about it.
+        Event::Budget(b) => agents::on_budget(daemon, b).unwrap_or_else(|| e.to_string()),
+        _ => e.to_string(),
     };
     let denial = crate::protocol::Denial {
         hook: crate::events::hook(h.hook).to_string(),
         verdict: crate::events::verdict(h.verdict).to_string(),
-        text: e.to_string(),
+        text,
         path,
         resolved,
         pid: h.pid,

@@ -50,7 +50,7 @@ fn report(op: &str, result: Result<Value, Error>) {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: agentd-act connect ADDR:PORT | open PATH read|write | open-many PATH N | cgroup | ids | syscalls | syscalls32 | syscalls-here NAME... | syscalls32-here NAME... | tree | env | fds | sleep SECS | exit CODE"
+        "usage: agentd-act connect ADDR:PORT | open PATH read|write | open-many PATH N | getpid-loop N | cgroup | ids | syscalls | syscalls32 | syscalls-here NAME... | syscalls32-here NAME... | tree | env | fds | sleep SECS | exit CODE"
     );
     std::process::exit(2);
 }
@@ -670,6 +670,15 @@ fn main() {
                 .try_for_each(|_| std::fs::File::open(path).map(drop))
                 .map(|()| json!(format!("opened {path} {n} times")));
             report("open-many", r);
+        }
+        ["getpid-loop", n] => {
+            // N getpid system calls (not the C library's: it may cache), a budget's target.
+            let n: u64 = n.parse().unwrap_or_else(|_| usage());
+            for _ in 0..n {
+                // SAFETY: no arguments.
+                unsafe { libc::syscall(libc::SYS_getpid) };
+            }
+            report("getpid-loop", Ok(json!(format!("{n} calls"))));
         }
         ["cgroup"] => report("cgroup", Ok(json!(cgroup()))),
         ["ids"] => {

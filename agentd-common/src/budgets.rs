@@ -8,8 +8,11 @@
 //! The bucket is lock-free (tracing programs may not take BPF spin locks): `consumed`
 //! only grows, by atomic adds; the tokens available are `burst + rate × (now − base) −
 //! consumed`, at most `burst`. When the bucket is full again, `base` and `consumed` are
-//! reset together. Two CPUs that charge the last token at once may both pass: the bound
-//! holds within one operation per CPU.
+//! reset together (`consumed` first, then `base_ns`; read in the other order, so a reader
+//! never pairs the new base with the old count). Two CPUs that charge the last token at
+//! once may both pass: the bound holds within one operation per CPU. The call that finds
+//! the bucket empty still runs (the hook cannot refuse it); `kill` stops the process
+//! right after, `throttle` freezes the agent when the daemon has the event.
 
 use crate::pod;
 
@@ -39,8 +42,9 @@ pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
 /// Nanoseconds between two events of one `throttle` bucket: each event may be the one that
 /// freezes the agent again after a thaw, so they cannot be a second apart.
 pub const THROTTLE_EVENT_INTERVAL_NS: u64 = 10_000_000;
-/// Highest rate a budget may have (per second): keeps `rate × µs elapsed` within `u64`
-/// for more than 500 hours of a bucket that never fills up.
+/// Highest rate a budget may have (per second): keeps `rate × µs elapsed` within `u64`.
+/// The elapsed time is counted up to 10^12 µs (277 hours): a bucket in debt for longer
+/// than that stops refilling (its agent stays throttled or is killed on its next call).
 pub const MAX_RATE: u64 = 10_000_000;
 
 #[repr(C)]

@@ -14,6 +14,7 @@ use agentd_common::{
     events::{BudgetEvent, EVENT_BUDGET, HOOK_SYS_ENTER, VERDICT_DENY},
 };
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     helpers::generated::{bpf_ktime_get_ns, bpf_send_signal},
     macros::{map, raw_tracepoint},
     maps::HashMap,
@@ -30,9 +31,11 @@ const SIGKILL: u32 = 9;
 /// - owner: the daemon creates and removes buckets (agent start, policy change, exit);
 ///   `sys_enter` charges them in place.
 ///
-/// Preallocated, so that a bucket charged in place is never freed under the program.
+/// Not preallocated: an element the daemon replaces (a policy change) is freed only after
+/// the programs that may hold it have finished, never reused for another key under them.
 #[map]
-static BUDGETS: HashMap<BudgetKey, Bucket> = HashMap::with_max_entries(MAX_BUDGETS, 0);
+static BUDGETS: HashMap<BudgetKey, Bucket> =
+    HashMap::with_max_entries(MAX_BUDGETS, BPF_F_NO_PREALLOC);
 
 /// Map `BUDGET_CLASSES`.
 /// - key: [`ClassKey`] (agent id, x86-64 system call number); value: `u32` bit set of the
@@ -65,17 +68,21 @@ fn charge(id: u64, class: u32, nr: u32, now: u64) -> bool {
     let Some(b) = BUDGETS.get_ptr_mut(key) else {
         return true;
     };
-    // SAFETY: a preallocated map element stays valid; fields are plain words, and the two
-    // counters are only changed with atomic adds or the reset below.
+    // SAFETY: the element stays valid while the program runs (the map is not preallocated:
+    // a replaced element is freed only after an RCU grace period); fields are plain words,
+    // and the two counters are only changed with atomic adds or the reset below.
     unsafe {
-        // At most 10^12 µs (11 days): × MAX_RATE stays within u64.
-        let elapsed_us = (now.saturating_sub((*b).base_ns) / 1000).min(1_000_000_000_000);
-        let refill = elapsed_us * (*b).rate / 1_000_000;
+        // base_ns before consumed (volatile: in this order), the reverse of the reset's
+        // writes, so that the new base is never paired with the old count.
+        let base = core::ptr::read_volatile(&raw const (*b).base_ns);
         let consumed = core::ptr::read_volatile(&raw const (*b).consumed);
+        // At most 10^12 µs (277 hours): × MAX_RATE stays within u64.
+        let elapsed_us = (now.saturating_sub(base) / 1000).min(1_000_000_000_000);
+        let refill = elapsed_us * (*b).rate / 1_000_000;
         if refill > consumed {
             // Full again: start over from now (a racing add may be lost: one token).
-            (*b).base_ns = now;
-            (*b).consumed = 1;
+            core::ptr::write_volatile(&raw mut (*b).consumed, 1);
+            core::ptr::write_volatile(&raw mut (*b).base_ns, now);
             return true;
         }
         // Every call is charged, also past the allowance: the debt is what a throttled

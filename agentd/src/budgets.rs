@@ -28,11 +28,7 @@ use agentd_common::budgets::{
     CLASS_SYSCALLS, ClassKey, MAX_CLASSES, MAX_RATE,
 };
 use anyhow::{Context as _, Result};
-use aya::{
-    Ebpf,
-    maps::HashMap,
-    programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
-};
+use aya::{Ebpf, maps::HashMap, programs::raw_trace_point::RawTracePointLinkId};
 use serde::{Deserialize, Serialize};
 
 /// What happens when a budget is found empty.
@@ -320,30 +316,16 @@ pub fn clear(ebpf: &mut Ebpf, agent: u64) -> Result<()> {
 
 /// Loads the `sys_enter` budget program (not attached).
 pub fn load(ebpf: &mut Ebpf) -> Result<()> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut("sys_enter")
-        .context("the object has no sys_enter program")?
-        .try_into()?;
-    prog.load().context("loading the sys_enter budget program")
+    crate::ebpf::raw_tp::load(ebpf, "sys_enter")
 }
 
 /// Attaches `sys_enter`: done while at least one agent has budgets.
 pub fn attach(ebpf: &mut Ebpf) -> Result<RawTracePointLinkId> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut("sys_enter")
-        .context("the object has no sys_enter program")?
-        .try_into()?;
-    prog.attach("sys_enter")
-        .context("attaching the sys_enter budget program")
+    crate::ebpf::raw_tp::attach(ebpf, "sys_enter")
 }
 
 pub fn detach(ebpf: &mut Ebpf, link: RawTracePointLinkId) -> Result<()> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut("sys_enter")
-        .context("the object has no sys_enter program")?
-        .try_into()?;
-    prog.detach(link)
-        .context("detaching the sys_enter budget program")
+    crate::ebpf::raw_tp::detach(ebpf, "sys_enter", link)
 }
 
 #[cfg(test)]

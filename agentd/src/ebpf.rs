@@ -129,3 +129,38 @@ pub fn describe_loaded(programs: &[LoadedProgram]) -> String {
     }
     line
 }
+
+/// The raw tracepoint program named after its tracepoint (`sys_enter`, `sys_exit`).
+pub mod raw_tp {
+    use anyhow::{Context as _, Result};
+    use aya::{
+        Ebpf,
+        programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
+    };
+
+    fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut RawTracePoint> {
+        Ok(ebpf
+            .program_mut(name)
+            .with_context(|| format!("the object has no {name} program"))?
+            .try_into()?)
+    }
+
+    /// Loads it (the verifier runs now), without attaching it.
+    pub fn load(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+        program(ebpf, name)?
+            .load()
+            .with_context(|| format!("loading the {name} program"))
+    }
+
+    pub fn attach(ebpf: &mut Ebpf, name: &str) -> Result<RawTracePointLinkId> {
+        program(ebpf, name)?
+            .attach(name)
+            .with_context(|| format!("attaching the {name} program"))
+    }
+
+    pub fn detach(ebpf: &mut Ebpf, name: &str, link: RawTracePointLinkId) -> Result<()> {
+        program(ebpf, name)?
+            .detach(link)
+            .with_context(|| format!("detaching the {name} program"))
+    }
+}

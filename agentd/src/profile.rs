@@ -842,6 +842,20 @@ pub fn parse(text: &str, source: &str) -> Result<Profile, ProfileError> {
         })?;
         budgets.insert(class.clone(), budget);
     }
+    let classes = budgets.keys().filter(|c| *c != "syscalls").count();
+    let most = agentd_common::budgets::MAX_CLASSES as usize - 1;
+    if classes > most {
+        let span = raw
+            .budgets
+            .iter()
+            .filter(|(k, _)| *k != "syscalls")
+            .nth(most)
+            .map_or(0..0, |(_, v)| v.span());
+        return Err(loc.at(
+            span,
+            format!("budgets: {classes} classes besides `syscalls`; at most {most}"),
+        ));
+    }
 
     let mut environment = EnvRules::default();
     for (list, key, out) in [

@@ -1,9 +1,6 @@
 //! VM integration tests: run inside a Debian kernel whose BPF LSM works, booted by
 //! `cargo xtask test --stage vm`. Anywhere else every test fails at once and says so.
 
-// Rate budgets on the VM kernels: the sys_enter program must pass their verifiers too.
-#[path = "../host/budgets.rs"]
-mod budgets;
 mod doctor;
 mod files;
 // The file rules through the daemon: the same scenario as on the host, here with both

@@ -676,6 +676,7 @@ fn prepare(
         if daemon.file_enforcers.lsm {
             let _ = files::clear(&mut kernel, live.policy_id);
         }
+        let _ = crate::budgets::clear(&mut kernel, id);
         let _ = agent::unregister(&mut kernel, id);
         return Err(cleanup_tmp(format!("{e:#}")));
     }
@@ -791,10 +792,14 @@ fn narrow_children(daemon: &Daemon, p: &AgentState) {
             let mut live = child.live.locked();
             live.policy = policy;
             if let Err(e) = sync_kernel(daemon, &child, &mut live, true) {
+                // It would keep more than its parent now has: fail closed.
                 eprintln!(
-                    "agentd: agent {}: narrowing after a change of {parent}: {e:#}",
+                    "agentd: agent {}: narrowing after a change of {parent} failed, killing it: {e:#}",
                     child.name
                 );
+                if let Some(c) = child.cgroup.locked().as_ref() {
+                    let _ = fs::write(c.path().join("cgroup.kill"), "1");
+                }
             }
         }
         narrow_children(daemon, &child);
@@ -884,12 +889,15 @@ async fn control_line(r: &mut (impl AsyncBufRead + Unpin)) -> Option<Vec<u8>> {
 /// when none has (it runs on every system call of the host). Returns whether it is
 /// attached.
 fn budget_hook(daemon: &Daemon) -> bool {
+    // Decided while holding the link: two callers (a launch and a teardown) cannot act on
+    // views of the agents taken in the other order. Lock order: budget_hook, agents, live,
+    // kernel; no caller holds any of them.
+    let mut link = daemon.budget_hook.locked();
     let all: Vec<Arc<AgentState>> = daemon.agents.locked().values().cloned().collect();
     let wanted = daemon.budgets_unusable.is_none()
         && all
             .iter()
             .any(|a| !a.live.locked().policy.budgets.is_empty());
-    let mut link = daemon.budget_hook.locked();
     let mut kernel = daemon.kernel.locked();
     match (wanted, link.take()) {
         (true, None) => match crate::budgets::attach(&mut kernel) {
@@ -945,7 +953,13 @@ pub fn on_budget(daemon: &Arc<Daemon>, e: &agentd_common::events::BudgetEvent) -
                         }
                         tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
                     }
-                    let _ = fs::write(a.cgroup_path.join("cgroup.freeze"), "0");
+                    // Through the agent's own cgroup, and only while it has one: never a
+                    // later agent that got the same name.
+                    if let Some(c) = a.cgroup.locked().as_ref()
+                        && let Err(e) = fs::write(c.path().join("cgroup.freeze"), "0")
+                    {
+                        eprintln!("agentd: agent {}: thawing: {e}", a.name);
+                    }
                     a.throttled
                         .store(false, std::sync::atomic::Ordering::SeqCst);
                 });

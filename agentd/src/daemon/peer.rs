@@ -64,9 +64,10 @@ pub fn agent_of(cgroup: &str, root_rel: &Path) -> Option<String> {
     )
 }
 
-/// A pidfd for the process that connected (`SO_PEERPIDFD`, Linux 6.5), if the kernel
-/// has it.
-fn peer_pidfd(stream: &UnixStream) -> Option<OwnedFd> {
+/// A pidfd for the process that connected (`SO_PEERPIDFD`, Linux 6.5): `Ok(None)` only
+/// where the kernel does not have the option; any other failure (such as a peer already
+/// reaped) is an error, so that the liveness check cannot be skipped by it.
+fn peer_pidfd(stream: &UnixStream) -> std::io::Result<Option<OwnedFd>> {
     const SO_PEERPIDFD: libc::c_int = 77;
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -80,8 +81,16 @@ fn peer_pidfd(stream: &UnixStream) -> Option<OwnedFd> {
             &mut len,
         )
     };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENOPROTOOPT) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
     // SAFETY: on success the kernel installed a new descriptor for us.
-    (r == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok((fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// True while the process behind `pidfd` has not exited.
@@ -106,7 +115,7 @@ fn alive(pidfd: &OwnedFd) -> bool {
 pub fn identify(stream: &UnixStream, root_rel: &Path) -> std::io::Result<Peer> {
     let cred = stream.peer_cred()?;
     let pid = cred.pid().unwrap_or(0) as u32;
-    let pidfd = peer_pidfd(stream);
+    let pidfd = peer_pidfd(stream)?;
     let cgroup = cgroup_of(pid)
         .ok_or_else(|| std::io::Error::other("the peer's cgroup is unknown (it exited?)"))?;
     let groups = groups_of(pid);

@@ -21,11 +21,7 @@ use std::{
 
 use agentd_common::files::{ACCESS_ALL, ACCESS_WRITE, FILE_RULES_MAP, FileRule, FileRuleKey};
 use anyhow::{Context as _, Result};
-use aya::{
-    Btf, Ebpf,
-    maps::HashMap,
-    programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
-};
+use aya::{Btf, Ebpf, maps::HashMap, programs::raw_trace_point::RawTracePointLinkId};
 
 use crate::policy::FilePolicy;
 
@@ -155,30 +151,17 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<crate::ebpf::LoadedProgr
 
 /// Loads the Landlock path's denial reporter (`sys_exit`), without attaching it.
 pub fn load_reporter(ebpf: &mut Ebpf) -> Result<()> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut("sys_exit")
-        .context("the object has no sys_exit program")?
-        .try_into()?;
-    prog.load().context("loading the sys_exit program")
+    crate::ebpf::raw_tp::load(ebpf, "sys_exit")
 }
 
 /// Attaches the reporter (it runs on every system call exit of the host, so only while
 /// agents run).
 pub fn attach_reporter(ebpf: &mut Ebpf) -> Result<RawTracePointLinkId> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut("sys_exit")
-        .context("the object has no sys_exit program")?
-        .try_into()?;
-    prog.attach("sys_exit")
-        .context("attaching the sys_exit program")
+    crate::ebpf::raw_tp::attach(ebpf, "sys_exit")
 }
 
 pub fn detach_reporter(ebpf: &mut Ebpf, link: RawTracePointLinkId) -> Result<()> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut("sys_exit")
-        .context("the object has no sys_exit program")?
-        .try_into()?;
-    prog.detach(link).context("detaching the sys_exit program")
+    crate::ebpf::raw_tp::detach(ebpf, "sys_exit", link)
 }
 
 /// Which file enforcers this host has.

@@ -29,6 +29,9 @@ fn build() -> Result<(), String> {
     let object = out_dir.join("agentd-ebpf");
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
+        println!(
+            "cargo:warning=AYA_BUILD_SKIP is set: the eBPF object is not built and this agentd binary cannot load programs (for check/clippy only)"
+        );
         fs::write(&object, []).map_err(|e| e.to_string())?;
         return Ok(());
     }

@@ -92,17 +92,9 @@ enum Command {
     },
 }
 
+/// Rules added on the command line, for `run` and `update`.
 #[derive(Args)]
-struct RunCmd {
-    /// Profile name (in the profiles directory) or path to a profile file [default: default]
-    #[arg(long, value_name = "NAME|PATH")]
-    profile: Option<String>,
-    /// Agent name [default: agent-<random>]
-    #[arg(long, value_name = "ID")]
-    name: Option<String>,
-    /// User to run as [default: $SUDO_UID's user, else agents.user]; root needs --user root
-    #[arg(long, value_name = "USER")]
-    user: Option<String>,
+struct RuleFlags {
     /// Also allow connections to CIDR[:PORT[-PORT]][/tcp|/udp] (repeatable)
     #[arg(long = "allow-net", value_name = "CIDR[:PORT]")]
     allow_net: Vec<String>,
@@ -118,6 +110,34 @@ struct RunCmd {
     /// Deny every access to PATH (repeatable)
     #[arg(long = "deny-path", value_name = "PATH")]
     deny_path: Vec<PathBuf>,
+}
+
+impl RuleFlags {
+    fn adjustments(self, audit: bool) -> Adjustments {
+        Adjustments {
+            allow_net: self.allow_net,
+            allow_host: self.allow_host,
+            allow_read: self.allow_read,
+            allow_write: self.allow_write,
+            deny_path: self.deny_path,
+            audit,
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunCmd {
+    /// Profile name (in the profiles directory) or path to a profile file [default: default]
+    #[arg(long, value_name = "NAME|PATH")]
+    profile: Option<String>,
+    /// Agent name [default: agent-<random>]
+    #[arg(long, value_name = "ID")]
+    name: Option<String>,
+    /// User to run as [default: $SUDO_UID's user, else agents.user]; root needs --user root
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    #[command(flatten)]
+    rules: RuleFlags,
     /// Report what would be denied and deny nothing
     #[arg(long)]
     audit: bool,
@@ -146,21 +166,8 @@ struct UpdateCmd {
     /// A new profile, by name or path [default: the agent's profile, read again]
     #[arg(long, value_name = "NAME|PATH")]
     profile: Option<String>,
-    /// Also allow connections to CIDR[:PORT[-PORT]][/tcp|/udp] (repeatable)
-    #[arg(long = "allow-net", value_name = "CIDR[:PORT]")]
-    allow_net: Vec<String>,
-    /// Also allow the DNS name NAME[:PORT] (repeatable)
-    #[arg(long = "allow-host", value_name = "NAME[:PORT]")]
-    allow_host: Vec<String>,
-    /// Also allow reading PATH (repeatable)
-    #[arg(long = "allow-read", value_name = "PATH")]
-    allow_read: Vec<PathBuf>,
-    /// Also allow reading and writing PATH (repeatable)
-    #[arg(long = "allow-write", value_name = "PATH")]
-    allow_write: Vec<PathBuf>,
-    /// Deny every access to PATH (repeatable)
-    #[arg(long = "deny-path", value_name = "PATH")]
-    deny_path: Vec<PathBuf>,
+    #[command(flatten)]
+    rules: RuleFlags,
     /// Switch to audit mode: report, deny nothing
     #[arg(long, conflicts_with = "enforce")]
     audit: bool,
@@ -342,14 +349,7 @@ fn main() -> ExitCode {
                     workdir: r.workdir,
                     home: r.home,
                     degraded_ok: r.degraded_ok,
-                    adjustments: Adjustments {
-                        allow_net: r.allow_net,
-                        allow_host: r.allow_host,
-                        allow_read: r.allow_read,
-                        allow_write: r.allow_write,
-                        deny_path: r.deny_path,
-                        audit: r.audit,
-                    },
+                    adjustments: r.rules.adjustments(r.audit),
                     verbose: r.verbose,
                     argv: r.command,
                 },
@@ -358,14 +358,7 @@ fn main() -> ExitCode {
         Command::Update(u) => load_config(cli.config.as_deref()).map_or_else(
             |c| c,
             |config| {
-                let adjustments = Adjustments {
-                    allow_net: u.allow_net,
-                    allow_host: u.allow_host,
-                    allow_read: u.allow_read,
-                    allow_write: u.allow_write,
-                    deny_path: u.deny_path,
-                    audit: false,
-                };
+                let adjustments = u.rules.adjustments(false);
                 let mode = if u.audit {
                     Some(profile::Mode::Audit)
                 } else if u.enforce {

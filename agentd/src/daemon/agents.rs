@@ -833,41 +833,57 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
     // Stops the resolver tasks and frees the address.
     drop(a.resolver.locked().take());
     let _ = fs::remove_dir_all(&a.tmp);
-    let none_left = {
-        let mut agents = daemon.agents.locked();
-        agents.remove(&a.name);
-        agents.is_empty()
-    };
+    daemon.agents.locked().remove(&a.name);
     budget_hook(daemon);
+    reporter(daemon);
     daemon.counters.locked().remove(&a.id);
     daemon.denials.locked().remove(&a.id);
-    if none_left {
-        reporter(daemon, false);
-    }
 }
 
-/// Attaches (`on`) or detaches the Landlock path's denial reporter. It runs on every
-/// system call exit of the host, so it is attached only while agents run, and only where
-/// file denials can happen that no BPF LSM hook reports (Landlock refuses before BPF LSM
-/// in the kernel's order, so wherever Landlock is used).
-fn reporter(daemon: &Daemon, on: bool) {
-    if daemon.file_enforcers.lsm && daemon.file_enforcers.landlock.is_none() {
-        return;
-    }
-    let mut link = daemon.reporter.locked();
+/// Keeps the Landlock path's denial reporter attached while agents run. It runs on every
+/// system call exit of the host, so it is attached only then, and only where file denials
+/// can happen that no BPF LSM hook reports (Landlock refuses before BPF LSM in the
+/// kernel's order, so wherever Landlock is used).
+fn reporter(daemon: &Daemon) {
+    let needed = !daemon.file_enforcers.lsm || daemon.file_enforcers.landlock.is_some();
+    keep_attached(
+        daemon,
+        &daemon.reporter,
+        "sys_exit",
+        "file denials will not be reported",
+        |agents| needed && !agents.is_empty(),
+    );
+}
+
+/// Attaches or detaches the raw tracepoint program `name` so that it is attached exactly
+/// when `wanted` says so of the running agents. Decided while holding the link: a launch
+/// and a teardown cannot act on views of the agents taken in the other order. Lock order:
+/// the link, agents, live, kernel; no caller holds any of them. Returns whether it is
+/// attached.
+fn keep_attached(
+    daemon: &Daemon,
+    link: &Mutex<Option<aya::programs::raw_trace_point::RawTracePointLinkId>>,
+    name: &str,
+    if_fails: &str,
+    wanted: impl FnOnce(&[Arc<AgentState>]) -> bool,
+) -> bool {
+    let mut link = link.locked();
+    let all: Vec<Arc<AgentState>> = daemon.agents.locked().values().cloned().collect();
+    let wanted = wanted(&all);
     let mut kernel = daemon.kernel.locked();
-    match (on, link.take()) {
-        (true, None) => match files::attach_reporter(&mut kernel) {
+    match (wanted, link.take()) {
+        (true, None) => match crate::ebpf::raw_tp::attach(&mut kernel, name) {
             Ok(l) => *link = Some(l),
-            Err(e) => eprintln!("agentd: file denials will not be reported: {e:#}"),
+            Err(e) => eprintln!("agentd: {if_fails}: {e:#}"),
         },
         (false, Some(l)) => {
-            if let Err(e) = files::detach_reporter(&mut kernel, l) {
+            if let Err(e) = crate::ebpf::raw_tp::detach(&mut kernel, name, l) {
                 eprintln!("agentd: {e:#}");
             }
         }
         (_, kept) => *link = kept,
     }
+    link.is_some()
 }
 
 /// Longest message a `run` client may send while its agent runs (a signal to forward).
@@ -885,33 +901,22 @@ async fn control_line(r: &mut (impl AsyncBufRead + Unpin)) -> Option<Vec<u8>> {
     line.pop_if(|b| *b == b'\n').map(|_| line)
 }
 
-/// Attaches the `sys_enter` budget program while some agent has budgets and detaches it
-/// when none has (it runs on every system call of the host). Returns whether it is
-/// attached.
+/// Keeps the `sys_enter` budget program attached while some agent has budgets (it runs
+/// on every system call of the host). Returns whether it is attached.
 fn budget_hook(daemon: &Daemon) -> bool {
-    // Decided while holding the link: two callers (a launch and a teardown) cannot act on
-    // views of the agents taken in the other order. Lock order: budget_hook, agents, live,
-    // kernel; no caller holds any of them.
-    let mut link = daemon.budget_hook.locked();
-    let all: Vec<Arc<AgentState>> = daemon.agents.locked().values().cloned().collect();
-    let wanted = daemon.budgets_unusable.is_none()
-        && all
-            .iter()
-            .any(|a| !a.live.locked().policy.budgets.is_empty());
-    let mut kernel = daemon.kernel.locked();
-    match (wanted, link.take()) {
-        (true, None) => match crate::budgets::attach(&mut kernel) {
-            Ok(l) => *link = Some(l),
-            Err(e) => eprintln!("agentd: rate budgets are not enforced: {e:#}"),
+    let usable = daemon.budgets_unusable.is_none();
+    keep_attached(
+        daemon,
+        &daemon.budget_hook,
+        "sys_enter",
+        "rate budgets are not enforced",
+        |agents| {
+            usable
+                && agents
+                    .iter()
+                    .any(|a| !a.live.locked().policy.budgets.is_empty())
         },
-        (false, Some(l)) => {
-            if let Err(e) = crate::budgets::detach(&mut kernel, l) {
-                eprintln!("agentd: {e:#}");
-            }
-        }
-        (_, kept) => *link = kept,
-    }
-    link.is_some()
+    )
 }
 
 /// Acts on a budget found empty: kill the agent, or freeze it until the budget has
@@ -1030,7 +1035,7 @@ pub async fn run(
         let d = daemon.clone();
         let _ = tokio::task::spawn_blocking(move || narrow_children(&d, &parent)).await;
     }
-    reporter(&daemon, true);
+    reporter(&daemon);
     // Before the agent's first instruction: its budgets are charged from the start.
     if !budget_hook(&daemon) && !state.live.locked().policy.budgets.is_empty() {
         let (d, s) = (daemon.clone(), state.clone());

@@ -21,7 +21,7 @@ use std::{
 
 use agentd_common::files::{ACCESS_ALL, ACCESS_WRITE, FILE_RULES_MAP, FileRule, FileRuleKey};
 use anyhow::{Context as _, Result};
-use aya::{Btf, Ebpf, maps::HashMap, programs::raw_trace_point::RawTracePointLinkId};
+use aya::{Btf, Ebpf, maps::HashMap};
 
 use crate::policy::FilePolicy;
 
@@ -152,16 +152,6 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<crate::ebpf::LoadedProgr
 /// Loads the Landlock path's denial reporter (`sys_exit`), without attaching it.
 pub fn load_reporter(ebpf: &mut Ebpf) -> Result<()> {
     crate::ebpf::raw_tp::load(ebpf, "sys_exit")
-}
-
-/// Attaches the reporter (it runs on every system call exit of the host, so only while
-/// agents run).
-pub fn attach_reporter(ebpf: &mut Ebpf) -> Result<RawTracePointLinkId> {
-    crate::ebpf::raw_tp::attach(ebpf, "sys_exit")
-}
-
-pub fn detach_reporter(ebpf: &mut Ebpf, link: RawTracePointLinkId) -> Result<()> {
-    crate::ebpf::raw_tp::detach(ebpf, "sys_exit", link)
 }
 
 /// Which file enforcers this host has.

@@ -145,58 +145,61 @@ fn trie6(ebpf: &mut Ebpf) -> Result<LpmTrie<&mut MapData, Ipv6Target, PortRanges
 /// Writes `allowlist` as the entries of `policy`: adds new and changed entries first, then
 /// removes the policy's entries that are no longer in it.
 pub fn apply(ebpf: &mut Ebpf, policy: u64, allowlist: &Allowlist) -> Result<()> {
-    let bits = |net: &IpNet| POLICY_PREFIX_BITS + u32::from(net.prefix_len());
-    {
-        let mut t4 = trie4(ebpf)?;
-        for (net, ports) in &allowlist.entries {
-            if let IpNet::V4(n) = net {
-                t4.insert(
-                    &Key::new(bits(net), Ipv4Target::new(policy, n.network().octets())),
-                    ports,
-                    0,
-                )
-                .with_context(|| format!("adding {net} to NET_ALLOW4"))?;
-            }
-        }
-        let tag = policy.to_be_bytes();
-        let stale: Vec<_> = t4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().policy == tag)
-            .filter(|k| {
-                let len = k.prefix_len().saturating_sub(POLICY_PREFIX_BITS) as u8;
-                IpNet::new(IpAddr::from(k.data().addr), len)
-                    .map_or(true, |n| !allowlist.entries.contains_key(&n))
-            })
-            .collect();
-        for k in stale {
-            t4.remove(&k).context("removing a stale NET_ALLOW4 entry")?;
-        }
-    }
-    let mut t6 = trie6(ebpf)?;
+    sync_family(
+        &mut trie4(ebpf)?,
+        NET_ALLOW4_MAP,
+        policy,
+        allowlist,
+        |net| match net {
+            IpNet::V4(n) => Some(Ipv4Target::new(policy, n.network().octets())),
+            IpNet::V6(_) => None,
+        },
+        |t| (t.policy, IpAddr::from(t.addr)),
+    )?;
+    sync_family(
+        &mut trie6(ebpf)?,
+        NET_ALLOW6_MAP,
+        policy,
+        allowlist,
+        |net| match net {
+            IpNet::V6(n) => Some(Ipv6Target::new(policy, n.network().octets())),
+            IpNet::V4(_) => None,
+        },
+        |t| (t.policy, IpAddr::from(t.addr)),
+    )
+}
+
+/// [`apply`] for one address family's trie: `target` keys the family's networks (`None`
+/// for the other family's), `parts` reads a key back as (policy tag, address).
+fn sync_family<T: aya::Pod>(
+    trie: &mut LpmTrie<&mut MapData, T, PortRanges>,
+    map: &str,
+    policy: u64,
+    allowlist: &Allowlist,
+    target: impl Fn(&IpNet) -> Option<T>,
+    parts: impl Fn(&T) -> ([u8; 8], IpAddr),
+) -> Result<()> {
     for (net, ports) in &allowlist.entries {
-        if let IpNet::V6(n) = net {
-            t6.insert(
-                &Key::new(bits(net), Ipv6Target::new(policy, n.network().octets())),
-                ports,
-                0,
-            )
-            .with_context(|| format!("adding {net} to NET_ALLOW6"))?;
+        if let Some(t) = target(net) {
+            let bits = POLICY_PREFIX_BITS + u32::from(net.prefix_len());
+            trie.insert(&Key::new(bits, t), ports, 0)
+                .with_context(|| format!("adding {net} to {map}"))?;
         }
     }
     let tag = policy.to_be_bytes();
-    let stale: Vec<_> = t6
+    let stale: Vec<_> = trie
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| k.data().policy == tag)
         .filter(|k| {
+            let (key_tag, addr) = parts(&k.data());
             let len = k.prefix_len().saturating_sub(POLICY_PREFIX_BITS) as u8;
-            IpNet::new(IpAddr::from(k.data().addr), len)
-                .map_or(true, |n| !allowlist.entries.contains_key(&n))
+            key_tag == tag
+                && IpNet::new(addr, len).map_or(true, |n| !allowlist.entries.contains_key(&n))
         })
         .collect();
     for k in stale {
-        t6.remove(&k).context("removing a stale NET_ALLOW6 entry")?;
+        trie.remove(&k)
+            .with_context(|| format!("removing a stale {map} entry"))?;
     }
     Ok(())
 }

@@ -49,6 +49,10 @@ pub const HOOK_PTRACE: u32 = 20;
 pub const HOOK_TASK_KILL: u32 = 21;
 /// A rate budget was found empty on system call entry (`budgets`).
 pub const HOOK_SYS_ENTER: u32 = 22;
+/// A process creation (BPF LSM `task_alloc`, `budgets`).
+pub const HOOK_TASK_ALLOC: u32 = 23;
+/// A process creation answered by the daemon (seccomp user notification, `budgets`).
+pub const HOOK_SECCOMP_NOTIFY: u32 = 24;
 
 /// `EventHeader::verdict`: the operation was refused.
 pub const VERDICT_DENY: u32 = 1;
@@ -159,7 +163,10 @@ pub struct ProcEvent {
     pub target_agent: u64,
 }
 
-/// A rate budget found empty (verdict: `VERDICT_DENY`, whatever the action).
+/// A rate budget found empty (verdict: `VERDICT_DENY`, whatever the action). The header's
+/// hook is where it was charged (`HOOK_SYS_ENTER`, `HOOK_TASK_ALLOC`, a socket hook, or
+/// `HOOK_SKB_EGRESS` for `egress_bytes`); the breaker's bucket reports the hook of the
+/// denial that tripped it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BudgetEvent {
@@ -174,9 +181,10 @@ pub struct BudgetEvent {
     pub deficit: u64,
     /// Times the bucket was found empty so far.
     pub exhausted: u64,
-    /// x86-64 system call number that found it empty.
+    /// x86-64 system call number that found it empty (`HOOK_SYS_ENTER` only).
     pub syscall: u32,
-    pub _pad: u32,
+    /// 1 when the bucket is the host-wide one (`budgets::HOST`), 0 for the agent's own.
+    pub host: u32,
 }
 
 pod!(EventHeader, NetEvent, FileEvent, ProcEvent, BudgetEvent);

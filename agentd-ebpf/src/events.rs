@@ -39,22 +39,40 @@ pub fn header(kind: u32, hook: u32, agent: u64, verdict: u32) -> EventHeader {
     }
 }
 
-/// A header for a decision taken on a packet (cgroup_skb), where the current task is not
-/// the packet's sender and kernels before 6.18 give no task helpers: pid, tid and comm
-/// stay zero; the agent comes from the packet's socket.
+/// Writes a header in place (into a reserved record), without a copy on the stack. For a
+/// decision taken on a packet (`packet`: cgroup_skb), where the current task is not the
+/// packet's sender and kernels before 6.18 give no task helpers, pid, tid and comm stay
+/// zero; the agent comes from the packet's socket.
+///
+/// # Safety
+/// `h` must point at writable memory for an [`EventHeader`].
 #[inline(always)]
-pub fn header_packet(kind: u32, hook: u32, agent: u64, verdict: u32) -> EventHeader {
-    EventHeader {
-        kind,
-        hook,
-        agent,
-        // SAFETY: no preconditions.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        pid: 0,
-        tid: 0,
-        comm: [0; 16],
-        verdict,
-        _pad: 0,
+pub unsafe fn write_header(
+    h: *mut EventHeader,
+    kind: u32,
+    hook: u32,
+    agent: u64,
+    verdict: u32,
+    packet: bool,
+) {
+    // SAFETY: the caller's promise; helpers with no preconditions.
+    unsafe {
+        (*h).kind = kind;
+        (*h).hook = hook;
+        (*h).agent = agent;
+        (*h).ktime_ns = bpf_ktime_get_ns();
+        (*h).verdict = verdict;
+        (*h)._pad = 0;
+        (*h).comm = [0; 16];
+        if packet {
+            (*h).pid = 0;
+            (*h).tid = 0;
+        } else {
+            let pid_tgid = bpf_get_current_pid_tgid();
+            (*h).pid = (pid_tgid >> 32) as u32;
+            (*h).tid = pid_tgid as u32;
+            aya_ebpf::helpers::generated::bpf_get_current_comm((&raw mut (*h).comm).cast(), 16);
+        }
     }
 }
 

@@ -344,6 +344,9 @@ fn report(
         }
         events::emit(&*ev);
     }
+    if verdict == VERDICT_DENY {
+        crate::budgets::denied(agent, hook);
+    }
 }
 
 /// One slot of a file event's path: the name of this place (unless it is a mount's root,
@@ -701,6 +704,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     let Some(user_path) = read::<u64>(regs, reg) else {
         return 0;
     };
+    crate::budgets::denied(id, HOOK_SYSCALL_EXIT);
     let Some(mut entry) = events::reserve::<FileEvent>() else {
         return 0;
     };

@@ -17,6 +17,7 @@
 
 use agentd_common::{
     agent::{AGENT_FLAG_AUDIT, AGENT_FLAG_KILLED, AgentEntry},
+    budgets::{ACTION_DENY, CLASS_CONNECTS, CLASS_EGRESS_BYTES},
     events::{
         EVENT_NET, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS,
         HOOK_SOCK_CREATE, NetEvent, VERDICT_AUDIT, VERDICT_DENY,
@@ -28,14 +29,18 @@ use agentd_common::{
 };
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_F_NO_PREALLOC,
-    helpers::generated::bpf_get_socket_cookie,
+    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
+    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
     maps::{LpmTrie, LruHashMap, lpm_trie::Key},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 
-use crate::{agent, events};
+use crate::{
+    agent,
+    budgets::{self, Role},
+    events,
+};
 
 /// cgroup program verdicts.
 const ALLOW: i32 = 1;
@@ -49,6 +54,7 @@ const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u32 = 58;
+const EAGAIN: i32 = 11;
 
 /// Map `NET_ALLOW4`.
 /// - key: `Key<Ipv4Target>`: prefix length 64 + CIDR bits; data = policy id (big endian)
@@ -132,6 +138,8 @@ fn v6_bytes(words: &[u32; 4]) -> [u8; 16] {
     b
 }
 
+/// Sends a network event, built in place in the ring buffer: the hooks' stack must leave
+/// room for the budget code they call (512 bytes for both).
 #[inline(always)]
 fn report(
     agent: u64,
@@ -142,38 +150,79 @@ fn report(
     protocol: u8,
     sock_type: u16,
 ) {
-    let header = if hook == HOOK_SKB_EGRESS {
-        events::header_packet(EVENT_NET, hook, agent, verdict)
-    } else {
-        events::header(EVENT_NET, hook, agent, verdict)
+    let Some(mut entry) = events::reserve::<NetEvent>() else {
+        return;
     };
-    let (family, addr) = match dest {
-        Dest::V4(a) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a);
-            (AF_INET, b)
+    let ev = entry.as_mut_ptr();
+    // SAFETY: a reserved record; every field is written before it is submitted.
+    unsafe {
+        events::write_header(
+            &raw mut (*ev).header,
+            EVENT_NET,
+            hook,
+            agent,
+            verdict,
+            hook == HOOK_SKB_EGRESS,
+        );
+        (*ev).port = port;
+        (*ev).protocol = protocol;
+        (*ev)._pad = 0;
+        (*ev).sock_type = sock_type;
+        match dest {
+            Dest::V4(a) => {
+                (*ev).family = AF_INET;
+                (*ev).addr = [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            }
+            Dest::V6(a) => {
+                (*ev).family = AF_INET6;
+                (*ev).addr = a;
+            }
         }
-        Dest::V6(a) => (AF_INET6, a),
-    };
-    let event = NetEvent {
-        header,
-        family,
-        port,
-        protocol,
-        _pad: 0,
-        sock_type,
-        addr,
-    };
-    events::emit(&event);
+    }
+    entry.submit(0);
+}
+
+/// Charges an allowed connect or datagram to the agent's and the host's `connects`
+/// budgets where they are `deny`; true when one is empty (the call fails with EAGAIN).
+#[inline(always)]
+fn over_budget(id: u64, hook: u32) -> bool {
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if budgets::take_both(id, CLASS_CONNECTS, 1, Role::Refusing, hook, now) != Some(ACTION_DENY) {
+        return false;
+    }
+    budgets::denied(id, hook);
+    // SAFETY: sets the error the refused call returns (instead of EPERM).
+    unsafe { bpf_set_retval(-EAGAIN) };
+    true
 }
 
 fn denied_for_audit(entry: &AgentEntry) -> bool {
     entry.flags & AGENT_FLAG_AUDIT != 0 && entry.flags & AGENT_FLAG_KILLED == 0
 }
 
-/// The decision for a connect or sendmsg of an agent.
+/// The decision for a connect or sendmsg: the allowlist, then the budgets.
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, hook: u32, v6: bool) -> i32 {
+    let mut id = 0u64;
+    let verdict = allowlist(ctx.sock_addr, hook, v6, &mut id);
+    if id == 0 {
+        return verdict;
+    }
+    if verdict == DENY {
+        budgets::denied(id, hook);
+        return DENY;
+    }
+    if over_budget(id, hook) { DENY } else { ALLOW }
+}
+
+/// The allowlist's decision for a connect or sendmsg; `who` is set to the agent's id
+/// when the caller is an agent whose operation was decided (not for a refusal of an
+/// agent in audit mode, nor for a task outside agents).
+#[inline(always)]
+fn allowlist(sock_addr: *mut bpf_sock_addr, hook: u32, v6: bool, who: &mut u64) -> i32 {
+    let ctx = SockAddrContext { sock_addr };
+    let ctx = &ctx;
     // SAFETY: the context is valid for the run; these fields allow 4-byte reads.
     let sa = unsafe { &mut *ctx.sock_addr };
     let port = u16::from_be(sa.user_port as u16);
@@ -203,6 +252,7 @@ fn decide(ctx: &SockAddrContext, hook: u32, v6: bool) -> i32 {
         }
         agent::Subject::Agent { id, entry } => (id, entry),
     };
+    *who = id;
     if entry.flags & AGENT_FLAG_KILLED != 0 {
         report(
             id,
@@ -247,6 +297,7 @@ fn decide(ctx: &SockAddrContext, hook: u32, v6: bool) -> i32 {
         return ALLOW;
     }
     if denied_for_audit(&entry) {
+        *who = 0;
         report(
             id,
             hook,
@@ -393,7 +444,11 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         addr: [0; 16],
     };
     events::emit(&event);
-    if audit { ALLOW } else { DENY }
+    if audit {
+        return ALLOW;
+    }
+    budgets::denied(id, HOOK_SOCK_CREATE);
+    DENY
 }
 
 /// What an outgoing packet is: destination, port (if the L4 header is there), protocol.
@@ -443,6 +498,7 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
     let Some((dest, port, proto)) = parse(&ctx) else {
         // Not IP: an agent socket has no business sending it.
         report(id, HOOK_SKB_EGRESS, VERDICT_DENY, Dest::V4([0; 4]), 0, 0, 0);
+        budgets::denied(id, HOOK_SKB_EGRESS);
         return DENY;
     };
     let protocol = match proto {
@@ -464,6 +520,21 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
             None => protocol != 0 && ports_of(entry.policy_id, dest).is_some_and(|r| r.count > 0),
         };
         if ok {
+            // SAFETY: no preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let len = u64::from(ctx.len());
+            let bytes = budgets::take_both(
+                id,
+                CLASS_EGRESS_BYTES,
+                len,
+                Role::Only,
+                HOOK_SKB_EGRESS,
+                now,
+            );
+            if bytes == Some(ACTION_DENY) {
+                budgets::denied(id, HOOK_SKB_EGRESS);
+                return DENY;
+            }
             return ALLOW;
         }
         if denied_for_audit(&entry) {
@@ -488,5 +559,6 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
         protocol,
         0,
     );
+    budgets::denied(id, HOOK_SKB_EGRESS);
     DENY
 }

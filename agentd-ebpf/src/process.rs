@@ -45,7 +45,11 @@ fn judge(hook: u32, target: *const u8, signal_or_mode: u32, errno: i32) -> i32 {
         target_agent: target_agent.unwrap_or(0),
     };
     events::emit(&event);
-    if audit { 0 } else { -errno }
+    if audit {
+        return 0;
+    }
+    crate::budgets::denied(id, hook);
+    -errno
 }
 
 #[lsm(hook = "ptrace_access_check")]

@@ -15,6 +15,7 @@
 //! user = "agentd-agent"                       # account for agents when no --user/SUDO_UID
 //! tmp_dir = "/run/agentd/tmp"                 # per-agent private tmp directories go here
 //!                                             # (root-owned, writable by no one else)
+//! max = 1024                                  # most agents running at once
 //!
 //! [dns]
 //! upstream = "auto"                           # or ["192.0.2.53:53"]; auto: /etc/resolv.conf
@@ -22,6 +23,14 @@
 //!
 //! [files]
 //! enforcers = ["lsm", "landlock"]             # which file enforcers may be used, if usable
+//!
+//! [host_budgets.connects]                     # none by default: shared by all agents together
+//! rate = 1000                                 # connects and addressed datagrams per second
+//! burst = 2000
+//! action = "deny"                             # "deny" (EAGAIN / dropped packet) or "log"
+//!
+//! [host_budgets.egress_bytes]                 # bytes of all agents' outgoing packets
+//! rate = 10000000
 //! ```
 //!
 //! `cgroup_root = "auto"` is `<cgroup2 mount>/agentd`, or, when the daemon runs as a
@@ -56,6 +65,10 @@ pub struct Config {
     /// May the daemon use BPF LSM / Landlock for file rules (when the host allows them).
     pub use_lsm: bool,
     pub use_landlock: bool,
+    /// Most agents running at once.
+    pub max_agents: usize,
+    /// Budgets shared by all agents (`connects`, `egress_bytes`).
+    pub host_budgets: std::collections::BTreeMap<String, crate::budgets::Budget>,
 }
 
 impl Default for Config {
@@ -74,6 +87,8 @@ impl Default for Config {
             dns_port: 10053,
             use_lsm: true,
             use_landlock: true,
+            max_agents: 1024,
+            host_budgets: Default::default(),
         }
     }
 }
@@ -89,6 +104,16 @@ struct RawConfig {
     dns: RawDns,
     #[serde(default)]
     files: RawFiles,
+    #[serde(default)]
+    host_budgets: std::collections::BTreeMap<String, Spanned<RawHostBudget>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHostBudget {
+    rate: Spanned<i64>,
+    burst: Option<Spanned<i64>>,
+    action: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -120,6 +145,7 @@ struct RawAgents {
     default_profile: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
     tmp_dir: Option<Spanned<String>>,
+    max: Option<Spanned<i64>>,
 }
 
 impl Config {
@@ -259,6 +285,53 @@ impl Config {
                 }
             }
         }
+        if let Some(v) = &raw.agents.max {
+            let most = agentd_common::agent::MAX_AGENTS as i64;
+            if !(1..=most).contains(v.get_ref()) {
+                return Err(loc.at(
+                    v.span(),
+                    format!("agents.max: {} is not between 1 and {most}", v.get_ref()),
+                ));
+            }
+            c.max_agents = *v.get_ref() as usize;
+        }
+        for (class, rb) in &raw.host_budgets {
+            let b = rb.get_ref();
+            if class != "connects" && class != "egress_bytes" {
+                return Err(loc.at(
+                    rb.span(),
+                    format!(
+                        "host_budgets.{class}: host-wide budgets are `connects` and `egress_bytes`"
+                    ),
+                ));
+            }
+            let action = match b.action.as_ref().map(|a| a.get_ref().as_str()) {
+                None | Some("log") => crate::budgets::Action::Log,
+                Some("deny") => crate::budgets::Action::Deny,
+                Some(other) => {
+                    let span = b.action.as_ref().map_or(rb.span(), |a| a.span());
+                    return Err(loc.at(
+                        span,
+                        format!("host_budgets.{class}.action: `{other}` is not a host-wide action: \"deny\" or \"log\""),
+                    ));
+                }
+            };
+            let budget = crate::budgets::build(
+                class,
+                *b.rate.get_ref(),
+                b.burst.as_ref().map(|v| *v.get_ref()),
+                action,
+                None,
+            )
+            .map_err(|(key, e)| {
+                let span = match key {
+                    "burst" => b.burst.as_ref().map_or(rb.span(), |v| v.span()),
+                    _ => b.rate.span(),
+                };
+                loc.at(span, format!("host_budgets.{class}.{key}: {e}"))
+            })?;
+            c.host_budgets.insert(class.clone(), budget);
+        }
         c.path = Some(PathBuf::from(source));
         Ok(c)
     }
@@ -328,6 +401,31 @@ mod tests {
             .to_string();
         assert!(
             e.starts_with("a.toml:2:14: files.enforcers: `selinux`"),
+            "{e}"
+        );
+        let c = Config::parse(
+            "[agents]\nmax = 3\n[host_budgets.connects]\nrate = 10\naction = \"deny\"\n",
+            "a.toml",
+        )
+        .unwrap();
+        assert_eq!(c.max_agents, 3);
+        assert_eq!(
+            c.host_budgets["connects"].action,
+            crate::budgets::Action::Deny
+        );
+        let e = Config::parse("[host_budgets.processes]\nrate = 10\n", "a.toml").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a.toml:1:1: host_budgets.processes: host-wide budgets are `connects` and `egress_bytes`"
+        );
+        let e = Config::parse(
+            "[host_budgets.connects]\nrate = 10\naction = \"kill\"\n",
+            "a.toml",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a.toml:3:10: host_budgets.connects.action"),
             "{e}"
         );
         let e = Config::parse("[metrics]\n", "a.toml")

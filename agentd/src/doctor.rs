@@ -677,10 +677,10 @@ fn plan(r: &Report) -> Vec<Enforcement> {
         budgets.push("cgroup.freeze".to_string());
     }
     let budgets_note = if lsm {
-        "deny with EAGAIN at LSM hooks; kill, throttle and log everywhere".to_string()
+        "deny: processes at LSM task_alloc, connects at the socket hooks, egress_bytes in skb egress; kill, throttle and log everywhere".to_string()
     } else {
         format!(
-            "{lsm_note}: process and open budgets can kill, throttle or log but not deny with EAGAIN; connect and egress budgets deny"
+            "{lsm_note}: processes deny through a seccomp notifier the daemon answers; connects and egress_bytes deny in the kernel; kill, throttle and log everywhere"
         )
     };
     let kill = if r.ok("cgroup_kill") {

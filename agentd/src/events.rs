@@ -104,6 +104,8 @@ pub fn hook(h: u32) -> &'static str {
         HOOK_PTRACE => "ptrace_access_check",
         HOOK_TASK_KILL => "task_kill",
         HOOK_SYS_ENTER => "sys_enter",
+        HOOK_TASK_ALLOC => "task_alloc",
+        HOOK_SECCOMP_NOTIFY => "seccomp_notify",
         _ => "unknown hook",
     }
 }
@@ -322,11 +324,16 @@ impl fmt::Display for Event {
             }
             Event::Budget(e) => {
                 let action = crate::budgets::Action::from_code(e.action).map_or("?", |a| a.name());
+                let scope = if e.host != 0 { "host-wide " } else { "" };
                 write!(
                     f,
-                    "budget class {} exhausted ({}/s, burst {}; {} times so far) at system call {}: {action}",
-                    e.class, e.rate, e.burst, e.exhausted, e.syscall
+                    "{scope}budget class {} exhausted ({}/s, burst {}; {} times so far)",
+                    e.class, e.rate, e.burst, e.exhausted
                 )?;
+                if h.hook == HOOK_SYS_ENTER {
+                    write!(f, " at system call {}", e.syscall)?;
+                }
+                write!(f, ": {action}")?;
             }
         }
         write!(

@@ -44,6 +44,7 @@ pub enum Step {
     Landlock,
     Seccomp,
     ChangeDir,
+    Notifier,
 }
 
 impl Step {
@@ -66,6 +67,7 @@ impl Step {
             Landlock,
             Seccomp,
             ChangeDir,
+            Notifier,
         ]
         .into_iter()
         .find(|s| *s as u8 == b)
@@ -91,6 +93,7 @@ impl Step {
             Step::Landlock => "applying the file rules with Landlock",
             Step::Seccomp => "installing the seccomp filter",
             Step::ChangeDir => "entering the working directory (as the agent's user)",
+            Step::Notifier => "installing the process notifier and handing it to the daemon",
         }
     }
 }
@@ -119,6 +122,9 @@ pub struct Plan {
     /// (RLIMIT_* number, value; `u64::MAX` = unlimited).
     pub rlimits: Vec<(u32, u64)>,
     pub seccomp: seccomp::Filter,
+    /// The filter whose listener the daemon answers (process creations under a `deny`
+    /// budget where BPF LSM does not work); see [`seccomp::process_notifier`].
+    pub notifier: Option<seccomp::Filter>,
     /// The Landlock ruleset to restrict the agent with, if the file rules use Landlock.
     pub landlock: Option<OwnedFd>,
     pub stdio: [OwnedFd; 3],
@@ -215,6 +221,8 @@ struct ChildSetup {
     rlimits: Vec<(u32, u64)>,
     landlock: Option<RawFd>,
     filter: seccomp::Filter,
+    /// The notifier filter and the child's end of the socket its listener is sent on.
+    notifier: Option<(seccomp::Filter, RawFd)>,
     cwd: std::ffi::CString,
 }
 
@@ -228,6 +236,7 @@ fn child_steps(setup: &ChildSetup) -> io::Result<()> {
         rlimits,
         landlock,
         filter,
+        notifier,
         cwd,
     } = setup;
     let (procs, report, keep_caps, landlock) = (*procs, *report, *keep_caps, *landlock);
@@ -345,14 +354,95 @@ fn child_steps(setup: &ChildSetup) -> io::Result<()> {
     {
         return Err(fail(Step::Landlock));
     }
+    // The notifier first: the main filter may deny seccomp(2) itself.
+    if let Some((notifier, sock)) = notifier {
+        let Ok(listener) = notifier.install_listener() else {
+            return Err(fail(Step::Notifier));
+        };
+        let sent = send_fd(*sock, listener);
+        // SAFETY: closing the descriptor we just got; the daemon has its own copy.
+        unsafe { libc::close(listener) };
+        if sent.is_err() {
+            return Err(fail(Step::Notifier));
+        }
+    }
     if filter.install().is_err() {
         return Err(fail(Step::Seccomp));
     }
     Ok(())
 }
 
+/// Sends descriptor `fd` over the Unix socket `sock` (SCM_RIGHTS). System calls only.
+fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
+    // A cmsg buffer for one descriptor, aligned for cmsghdr.
+    #[repr(C)]
+    struct Cmsg {
+        hdr: libc::cmsghdr,
+        fd: RawFd,
+    }
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: zeroed plain structs, then filled in.
+    let mut cmsg: Cmsg = unsafe { std::mem::zeroed() };
+    cmsg.hdr.cmsg_len = unsafe { libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) } as _;
+    cmsg.hdr.cmsg_level = libc::SOL_SOCKET;
+    cmsg.hdr.cmsg_type = libc::SCM_RIGHTS;
+    cmsg.fd = fd;
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = (&raw mut cmsg).cast();
+    msg.msg_controllen = std::mem::size_of::<Cmsg>() as _;
+    // SAFETY: msg points at live stack buffers.
+    if unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) } == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Receives the descriptor [`send_fd`] sent, without waiting.
+fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct Cmsg {
+        hdr: libc::cmsghdr,
+        fd: RawFd,
+    }
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: zeroed plain structs, filled in by the kernel.
+    let mut cmsg: Cmsg = unsafe { std::mem::zeroed() };
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = (&raw mut cmsg).cast();
+    msg.msg_controllen = std::mem::size_of::<Cmsg>() as _;
+    // SAFETY: msg points at live stack buffers.
+    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
+    if n != 1 || cmsg.hdr.cmsg_level != libc::SOL_SOCKET || cmsg.hdr.cmsg_type != libc::SCM_RIGHTS {
+        return Err(io::Error::other(
+            "no process notifier descriptor from the agent's launcher",
+        ));
+    }
+    // SAFETY: the kernel installed this descriptor for us.
+    Ok(unsafe { OwnedFd::from_raw_fd(cmsg.fd) })
+}
+
+/// A started agent: its first process, and the listener of its process notifier if the
+/// plan had one.
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    pub listener: Option<OwnedFd>,
+}
+
 /// Forks, runs the pre-exec sequence in the child, and execs the agent's program.
-pub fn spawn(plan: Plan) -> Result<tokio::process::Child, LaunchError> {
+pub fn spawn(plan: Plan) -> Result<Spawned, LaunchError> {
     let program = plan.argv.first().cloned().unwrap_or_default();
     let err = |step, error| LaunchError {
         step,
@@ -379,6 +469,27 @@ pub fn spawn(plan: Plan) -> Result<tokio::process::Child, LaunchError> {
     let cwd = std::ffi::CString::new(plan.cwd.as_os_str().as_encoded_bytes())
         .map_err(|_| err(None, io::Error::from_raw_os_error(libc::EINVAL)))?;
     let [stdin, stdout, stderr] = plan.stdio;
+    // The notifier's listener comes back on this socket pair.
+    let pair = match &plan.notifier {
+        None => None,
+        Some(_) => {
+            let mut sv = [0; 2];
+            // SAFETY: socketpair fills two descriptors we own.
+            if unsafe {
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                    0,
+                    sv.as_mut_ptr(),
+                )
+            } != 0
+            {
+                return Err(err(None, io::Error::last_os_error()));
+            }
+            // SAFETY: fresh descriptors.
+            Some(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
+        }
+    };
     cmd.stdin(Stdio::from(stdin))
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr));
@@ -390,6 +501,10 @@ pub fn spawn(plan: Plan) -> Result<tokio::process::Child, LaunchError> {
         rlimits: plan.rlimits.clone(),
         landlock: plan.landlock.as_ref().map(|fd| fd.as_raw_fd()),
         filter: plan.seccomp,
+        notifier: plan
+            .notifier
+            .zip(pair.as_ref())
+            .map(|(f, (_, theirs))| (f, theirs.as_raw_fd())),
         cwd,
     };
     // SAFETY: the closure only makes system calls (see child_steps).
@@ -401,7 +516,22 @@ pub fn spawn(plan: Plan) -> Result<tokio::process::Child, LaunchError> {
     drop(plan.cgroup_procs);
     drop(plan.landlock);
     match spawned {
-        Ok(child) => Ok(child),
+        Ok(child) => {
+            let listener = match &pair {
+                None => None,
+                Some((ours, _)) => match recv_fd(ours.as_raw_fd()) {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        // Cannot happen once exec succeeded; never leave the agent running
+                        // with calls nobody answers (they would fail, not pass).
+                        let mut child = child;
+                        let _ = child.start_kill();
+                        return Err(err(Some(Step::Notifier), e));
+                    }
+                },
+            };
+            Ok(Spawned { child, listener })
+        }
         Err(error) => {
             let mut b = [0u8; 1];
             let n = unsafe { libc::read(report_read.as_raw_fd(), b.as_mut_ptr().cast(), 1) };

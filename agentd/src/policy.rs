@@ -237,6 +237,9 @@ pub struct Policy {
     /// Rate budgets by class name.
     #[serde(default)]
     pub budgets: BTreeMap<String, crate::budgets::Budget>,
+    /// The circuit breaker.
+    #[serde(default)]
+    pub breaker: Option<crate::budgets::Breaker>,
     pub environment: EnvRules,
     /// Changes made on the command line, as given (for `inspect`).
     pub adjustments: Vec<String>,
@@ -281,6 +284,7 @@ impl Policy {
             seccomp_deny: BTreeSet::new(),
             rlimits: BTreeMap::new(),
             budgets: BTreeMap::new(),
+            breaker: None,
             environment: EnvRules::default(),
             adjustments: Vec::new(),
             narrowed_by: None,
@@ -318,6 +322,7 @@ impl Policy {
             seccomp_deny: p.seccomp_deny.iter().cloned().collect(),
             rlimits: p.rlimits.clone(),
             budgets: p.budgets.clone(),
+            breaker: p.breaker.clone(),
             environment: p.environment.clone(),
             adjustments: Vec::new(),
             narrowed_by: None,
@@ -412,6 +417,7 @@ impl Policy {
                 .collect(),
             rlimits,
             budgets: crate::budgets::intersect(&self.budgets, &parent.budgets),
+            breaker: crate::budgets::Breaker::intersect(&self.breaker, &parent.breaker),
             environment,
             adjustments: self.adjustments.clone(),
             narrowed_by: Some(parent_name.to_string()),

@@ -30,7 +30,12 @@
 //!
 //! [budgets.syscalls]        # rate budgets: see crate::budgets
 //! rate = 50000               # per second; burst defaults to the rate
-//! action = "kill"            # "log", "throttle" or "kill"
+//! action = "kill"            # "log", "throttle", "kill" or (some classes) "deny"
+//!
+//! [breaker]                  # circuit breaker: see crate::budgets
+//! denials = 50               # more than 50 refusals within 10 seconds
+//! seconds = 10
+//! action = "kill"            # or "freeze"
 //!
 //! [environment]
 //! remove = ["MY_*"]          # on top of agentd's list of secret-looking names
@@ -298,6 +303,8 @@ pub struct Profile {
     pub rlimits: BTreeMap<String, u64>,
     /// Rate budgets by class name (see [`crate::budgets`]).
     pub budgets: BTreeMap<String, crate::budgets::Budget>,
+    /// The circuit breaker (`[breaker]`).
+    pub breaker: Option<crate::budgets::Breaker>,
     pub environment: EnvRules,
 }
 
@@ -322,8 +329,18 @@ struct RawProfile {
     rlimits: RawRlimits,
     #[serde(default)]
     budgets: BTreeMap<String, Spanned<RawBudget>>,
+    breaker: Option<Spanned<RawBreaker>>,
     #[serde(default)]
     environment: RawEnvironment,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    denials: Option<Spanned<i64>>,
+    seconds: Option<Spanned<i64>>,
+    exhaustions: Option<Spanned<i64>>,
+    action: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -831,6 +848,7 @@ pub fn parse(text: &str, source: &str) -> Result<Profile, ProfileError> {
             let span = match key {
                 "rate" => b.rate.span(),
                 "burst" => b.burst.as_ref().map_or(raw_budget.span(), |v| v.span()),
+                "action" => b.action.as_ref().map_or(raw_budget.span(), |v| v.span()),
                 _ => b.syscalls.as_ref().map_or(raw_budget.span(), |v| {
                     v.get_ref()
                         .iter()
@@ -842,20 +860,44 @@ pub fn parse(text: &str, source: &str) -> Result<Profile, ProfileError> {
         })?;
         budgets.insert(class.clone(), budget);
     }
-    let classes = budgets.keys().filter(|c| *c != "syscalls").count();
-    let most = agentd_common::budgets::MAX_CLASSES as usize - 1;
+    let builtin =
+        |c: &str| c == "syscalls" || crate::budgets::BUILTIN_CLASSES.iter().any(|(n, _)| *n == c);
+    let classes = budgets.keys().filter(|c| !builtin(c)).count();
+    let most = crate::budgets::MAX_CUSTOM_CLASSES;
     if classes > most {
         let span = raw
             .budgets
             .iter()
-            .filter(|(k, _)| *k != "syscalls")
+            .filter(|(k, _)| !builtin(k))
             .nth(most)
             .map_or(0..0, |(_, v)| v.span());
         return Err(loc.at(
             span,
-            format!("budgets: {classes} classes besides `syscalls`; at most {most}"),
+            format!("budgets: {classes} classes of the profile's own; at most {most}"),
         ));
     }
+    let breaker = match &raw.breaker {
+        None => None,
+        Some(rb) => {
+            let b = rb.get_ref();
+            let value = |v: &Option<Spanned<i64>>| v.as_ref().map(|v| *v.get_ref());
+            let built = crate::budgets::build_breaker(
+                value(&b.denials),
+                value(&b.seconds),
+                value(&b.exhaustions),
+                b.action.get_ref(),
+            );
+            Some(built.map_err(|(key, e)| {
+                let span = match key {
+                    "denials" => b.denials.as_ref().map(|v| v.span()),
+                    "seconds" => b.seconds.as_ref().map(|v| v.span()),
+                    "exhaustions" => b.exhaustions.as_ref().map(|v| v.span()),
+                    _ => Some(b.action.span()),
+                };
+                loc.at(span.unwrap_or(rb.span()), format!("breaker.{key}: {e}"))
+            })?)
+        }
+    };
 
     let mut environment = EnvRules::default();
     for (list, key, out) in [
@@ -895,6 +937,7 @@ pub fn parse(text: &str, source: &str) -> Result<Profile, ProfileError> {
         seccomp_deny,
         rlimits,
         budgets,
+        breaker,
         environment,
     })
 }
@@ -1088,7 +1131,19 @@ set = { PIP_NO_INPUT = "1" }
             ),
             (
                 "[budgets.syscalls]\nrate = 5\naction = \"deny\"",
-                "p.toml:5:10: budgets.syscalls.action: `deny` (fail with EAGAIN) is not offered yet: use \"log\", \"throttle\" or \"kill\"",
+                "p.toml:5:10: budgets.syscalls.action: `deny` needs a hook that can refuse the operation, which `syscalls` does not have: use it on processes, connects, egress_bytes (or \"log\", \"throttle\", \"kill\" here)",
+            ),
+            (
+                "[breaker]\ndenials = 5\naction = \"kill\"",
+                "p.toml:3:1: breaker.seconds: `denials` needs `seconds`",
+            ),
+            (
+                "[breaker]\nexhaustions = 3\naction = \"throttle\"",
+                "p.toml:5:10: breaker.action: `throttle` is not a breaker action: \"kill\" or \"freeze\"",
+            ),
+            (
+                "[budgets.denials]\nrate = 5\nsyscalls = [\"getpid\"]",
+                "p.toml:5:12: budgets.denials.syscalls: `denials` is the circuit breaker's: configure it under [breaker]",
             ),
             (
                 "[process]\ncapabilities = [\"CAP_FLY\"]",

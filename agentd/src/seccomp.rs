@@ -33,10 +33,11 @@ use std::{
     ffi::CString,
     fs::File,
     io::{Read as _, Seek as _, SeekFrom},
-    os::fd::FromRawFd as _,
+    os::fd::{FromRawFd as _, RawFd},
 };
 
 use anyhow::{Context as _, Result, bail};
+
 use libseccomp::{
     ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
 };
@@ -171,13 +172,24 @@ impl Filter {
     /// single-threaded). Only makes the `seccomp(2)` system call, so it is safe between fork
     /// and exec. Requires no_new_privs (or CAP_SYS_ADMIN).
     pub fn install(&self) -> std::io::Result<()> {
+        const SECCOMP_FILTER_FLAG_LOG: libc::c_ulong = 2;
+        self.install_with(SECCOMP_FILTER_FLAG_LOG).map(|_| ())
+    }
+
+    /// Installs a filter of [`Action::Notify`] rules and returns the listener descriptor
+    /// (close-on-exec) through which the kernel hands those calls to a supervisor.
+    pub fn install_listener(&self) -> std::io::Result<RawFd> {
+        self.install_with(libc::SECCOMP_FILTER_FLAG_NEW_LISTENER)
+            .map(|fd| fd as RawFd)
+    }
+
+    fn install_with(&self, flags: libc::c_ulong) -> std::io::Result<libc::c_long> {
         #[repr(C)]
         struct SockFprog {
             len: u16,
             filter: *const u8,
         }
         const SECCOMP_SET_MODE_FILTER: libc::c_ulong = 1;
-        const SECCOMP_FILTER_FLAG_LOG: libc::c_ulong = 2;
         let prog = SockFprog {
             len: self.len() as u16,
             filter: self.program.as_ptr(),
@@ -187,12 +199,12 @@ impl Filter {
             libc::syscall(
                 libc::SYS_seccomp,
                 SECCOMP_SET_MODE_FILTER,
-                SECCOMP_FILTER_FLAG_LOG,
+                flags,
                 &prog as *const SockFprog,
             )
         };
-        if r == 0 {
-            Ok(())
+        if r >= 0 {
+            Ok(r)
         } else {
             Err(std::io::Error::last_os_error())
         }
@@ -288,6 +300,30 @@ pub fn build(extra: &[String], audit: bool) -> Result<Filter> {
         ctx.add_rule(enosys, ScmpSyscall::from_name("clone3")?)
             .context("seccomp rule for clone3")?;
     }
+    export(&ctx)
+}
+
+/// The filter that hands process creations to the daemon (a `processes` budget with
+/// `deny` where BPF LSM does not work): fork, vfork, and clone without CLONE_THREAD. clone3
+/// fails with ENOSYS in the main filter (an errno outranks a notification), so the C
+/// library uses clone. Everything else is allowed here (the main filter decides).
+pub fn process_notifier() -> Result<Filter> {
+    let mut ctx =
+        ScmpFilterContext::new(ScmpAction::Allow).context("creating the notifier filter")?;
+    ctx.add_arch(ScmpArch::X86)?;
+    ctx.add_arch(ScmpArch::X32)?;
+    for name in ["fork", "vfork"] {
+        ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from_name(name)?)
+            .with_context(|| format!("notifier rule for {name}"))?;
+    }
+    let no_thread =
+        ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(libc::CLONE_THREAD as u64), 0);
+    ctx.add_rule_conditional(
+        ScmpAction::Notify,
+        ScmpSyscall::from_name("clone")?,
+        &[no_thread],
+    )
+    .context("notifier rule for clone")?;
     export(&ctx)
 }
 

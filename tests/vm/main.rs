@@ -1,6 +1,7 @@
 //! VM integration tests: run inside a Debian kernel whose BPF LSM works, booted by
 //! `cargo xtask test --stage vm`. Anywhere else every test fails at once and says so.
 
+mod budgets;
 mod doctor;
 mod files;
 // The file rules through the daemon: the same scenario as on the host, here with both

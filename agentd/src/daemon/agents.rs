@@ -98,6 +98,12 @@ pub struct AgentState {
     cgroup_path: PathBuf,
     /// A throttle (freeze until a budget refills) is under way.
     throttled: std::sync::atomic::AtomicBool,
+    /// Budget exhaustion events so far (for the breaker's `exhaustions`).
+    exhaustions: std::sync::atomic::AtomicU64,
+    /// The supervisor of its process notifier (`processes` budget with `deny` where BPF
+    /// LSM does not work), and the bucket it answers from (`None`: every creation passes).
+    notifier: Mutex<Option<crate::budgets::Notifier>>,
+    process_gate: Mutex<Option<crate::budgets::UserBucket>>,
     /// Resolver tasks, stopped by teardown.
     resolver: Mutex<Option<dns::AgentResolver>>,
 }
@@ -272,16 +278,31 @@ pub fn allowlist_of(live: &Live) -> Result<Allowlist> {
     Allowlist::compile(&rules)
 }
 
+/// The budgets the kernel keeps for a policy (see [`crate::budgets::kernel_budgets`]).
+pub fn kernel_budgets(policy: &Policy) -> BTreeMap<String, crate::budgets::Budget> {
+    crate::budgets::kernel_budgets(
+        &policy.budgets,
+        policy.breaker.as_ref(),
+        policy.mode == Mode::Audit,
+    )
+}
+
+/// Whether the daemon answers the agent's process creations (a `processes` budget with
+/// `deny` where no BPF LSM `task_alloc` can refuse them).
+fn gates_processes(daemon: &Daemon, policy: &Policy) -> bool {
+    !daemon.file_enforcers.lsm && crate::budgets::denies_processes(&kernel_budgets(policy))
+}
+
 fn entry_of(daemon: &Daemon, agent: &AgentState, live: &Live) -> AgentEntry {
     AgentEntry {
         flags: if live.policy.mode == Mode::Audit {
             AGENT_FLAG_AUDIT
         } else {
             0
-        } | if live.policy.budgets.is_empty() {
-            0
-        } else {
+        } | if crate::budgets::needs_sys_enter(&kernel_budgets(&live.policy)) {
             AGENT_FLAG_BUDGETS
+        } else {
+            0
         },
         file_default_allow: live.policy.files.default_allow,
         policy_id: live.policy_id,
@@ -305,6 +326,14 @@ pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: b
     if !swap {
         return network::apply(&mut kernel, live.policy_id, &allowlist);
     }
+    let gate = gates_processes(daemon, &live.policy);
+    if gate && *agent.pid.locked() != 0 && agent.notifier.locked().is_none() {
+        anyhow::bail!(
+            "a `processes` budget with `deny` needs BPF LSM or a notifier installed at launch, \
+             which agent {} does not have: start it again with that budget",
+            agent.name
+        );
+    }
     let lsm = daemon.file_enforcers.lsm;
     let new_id = daemon.next_policy_id();
     let written = network::apply(&mut kernel, new_id, &allowlist)
@@ -320,21 +349,20 @@ pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: b
             }
         })
         // Budgets are keyed by agent: written (refilled) before the entry switches to them.
-        .and_then(|()| {
-            // Audit mode acts on nothing: budgets only report.
-            let mut budgets = live.policy.budgets.clone();
-            if live.policy.mode == Mode::Audit {
-                budgets
-                    .values_mut()
-                    .for_each(|b| b.action = crate::budgets::Action::Log);
-            }
-            crate::budgets::apply(&mut kernel, agent.id, &budgets)
-        });
+        .and_then(|()| crate::budgets::apply(&mut kernel, agent.id, &kernel_budgets(&live.policy)));
     if let Err(e) = written {
         let _ = network::clear(&mut kernel, new_id);
         let _ = files::clear(&mut kernel, new_id);
         return Err(e);
     }
+    // The daemon's bucket refills with the kernel's (a policy change starts them full).
+    *agent.process_gate.locked() = gate
+        .then(|| {
+            kernel_budgets(&live.policy)
+                .get("processes")
+                .map(crate::budgets::UserBucket::new)
+        })
+        .flatten();
     let old_id = live.policy_id;
     live.policy_id = new_id;
     if let Err(e) = agent::register(&mut kernel, agent.id, entry_of(daemon, agent, live)) {
@@ -561,7 +589,10 @@ fn prepare(
     } else {
         Vec::new()
     };
-    if let (false, Some(why)) = (policy.budgets.is_empty(), &daemon.budgets_unusable) {
+    if let (true, Some(why)) = (
+        crate::budgets::needs_sys_enter(&kernel_budgets(&policy)),
+        &daemon.budgets_unusable,
+    ) {
         degraded.push(format!("rate budgets ({why})"));
     }
     if !degraded.is_empty() && !req.degraded_ok {
@@ -582,6 +613,11 @@ fn prepare(
     let deny: Vec<String> = policy.seccomp_deny.iter().cloned().collect();
     let filter = seccomp::build(&deny, policy.mode == Mode::Audit)
         .map_err(|e| refuse(format!("seccomp: {e:#}")))?;
+    let notifier = if gates_processes(daemon, &policy) {
+        Some(seccomp::process_notifier().map_err(|e| refuse(format!("seccomp: {e:#}")))?)
+    } else {
+        None
+    };
     let keep_caps = policy.capabilities.iter().fold(0u64, |m, c| m | (1 << c));
 
     let (mut env, removed_env) = policy.filter_env(&req.env);
@@ -669,6 +705,9 @@ fn prepare(
         cgroup_path,
         resolver: Mutex::new(None),
         throttled: std::sync::atomic::AtomicBool::new(false),
+        exhaustions: std::sync::atomic::AtomicU64::new(0),
+        notifier: Mutex::new(None),
+        process_gate: Mutex::new(None),
     };
     if let Err(e) = sync_kernel(daemon, &state, &mut live, true) {
         let mut kernel = daemon.kernel.locked();
@@ -697,6 +736,7 @@ fn prepare(
         keep_caps,
         rlimits,
         seccomp: filter,
+        notifier,
         landlock,
         stdio,
     };
@@ -822,6 +862,7 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
             let _ = agent::unregister(&mut kernel, a.id);
             let _ = network::clear(&mut kernel, policy_id);
             let _ = crate::budgets::clear(&mut kernel, a.id);
+            drop(a.notifier.locked().take());
             if daemon.file_enforcers.lsm {
                 let _ = files::clear(&mut kernel, policy_id);
             }
@@ -912,34 +953,114 @@ fn budget_hook(daemon: &Daemon) -> bool {
         "rate budgets are not enforced",
         |agents| {
             usable
-                && agents
-                    .iter()
-                    .any(|a| !a.live.locked().policy.budgets.is_empty())
+                && agents.iter().any(|a| {
+                    crate::budgets::needs_sys_enter(&kernel_budgets(&a.live.locked().policy))
+                })
         },
     )
 }
 
-/// Acts on a budget found empty: kill the agent, or freeze it until the budget has
-/// refilled (the kernel already killed the process, or only reported). Returns the
-/// event's text with the class by name, or `None` if the agent is gone.
+/// Answers the agent's notified process creations from its `processes` bucket; a
+/// refusal is an event like the kernel's.
+fn process_gate(
+    daemon: &Arc<Daemon>,
+    agent: &Arc<AgentState>,
+) -> impl FnMut(u32) -> bool + Send + 'static {
+    use agentd_common::{budgets::*, events::*};
+    let (d, weak) = (daemon.clone(), Arc::downgrade(agent));
+    move |pid| {
+        let Some(a) = weak.upgrade() else {
+            return false;
+        };
+        let refused = match a.process_gate.locked().as_mut() {
+            None => return true,
+            Some(b) => match b.take(Instant::now()) {
+                Ok(()) => return true,
+                Err(report) => report.then_some((b.budget.rate, b.budget.burst, b.exhausted)),
+            },
+        };
+        if let Some((rate, burst, exhausted)) = refused {
+            let comm = fs::read(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let mut header = EventHeader {
+                kind: EVENT_BUDGET,
+                hook: HOOK_SECCOMP_NOTIFY,
+                agent: a.id,
+                ktime_ns: crate::budgets::monotonic_ns(),
+                pid,
+                tid: pid,
+                verdict: VERDICT_DENY,
+                ..Default::default()
+            };
+            for (dst, src) in header
+                .comm
+                .iter_mut()
+                .zip(comm.iter().take(15).filter(|b| **b != b'\n'))
+            {
+                *dst = *src;
+            }
+            let e = BudgetEvent {
+                header,
+                class: CLASS_PROCESSES,
+                action: ACTION_DENY,
+                rate,
+                burst,
+                deficit: 1,
+                exhausted,
+                syscall: 0,
+                host: 0,
+            };
+            super::record(&d, &crate::events::Event::Budget(e));
+        }
+        false
+    }
+}
+
+/// Acts on a budget found empty: kill the agent, freeze it until the budget has refilled
+/// (throttle) or for good (breaker), or only report (log, deny: the operation was already
+/// refused). The breaker's `exhaustions` is counted here. Returns the event's text with
+/// the class by name, or `None` if the agent is gone.
 pub fn on_budget(daemon: &Arc<Daemon>, e: &agentd_common::events::BudgetEvent) -> Option<String> {
     use crate::budgets::Action;
+    use std::sync::atomic::Ordering::SeqCst;
     let agent = daemon.agent_by_id(e.header.agent)?;
-    let class = crate::budgets::class_name(&agent.live.locked().policy.budgets, e.class)
-        .unwrap_or_else(|| e.class.to_string());
-    let action = Action::from_code(e.action)?;
+    let (class, breaker) = {
+        let live = agent.live.locked();
+        let budgets = if e.host != 0 {
+            &daemon.config.host_budgets
+        } else {
+            &live.policy.budgets
+        };
+        (
+            crate::budgets::class_name(budgets, e.class).unwrap_or_else(|| e.class.to_string()),
+            live.policy.breaker.clone(),
+        )
+    };
+    let mut action = Action::from_code(e.action)?;
+    let mut tripped = e.class == agentd_common::budgets::CLASS_DENIALS;
+    if !tripped
+        && let Some(b) = &breaker
+        && let Some(k) = b.exhaustions
+        && agent.exhaustions.fetch_add(1, SeqCst) + 1 >= k
+        && action < b.action
+    {
+        tripped = true;
+        action = b.action;
+    }
     let cgroup = agent.cgroup_path.clone();
     let done = match action {
         Action::Log => "reported".to_string(),
+        Action::Deny => "refused".to_string(),
         Action::Kill => {
             let _ = fs::write(cgroup.join("cgroup.kill"), "1");
             "agent killed".to_string()
         }
+        Action::Freeze => {
+            let _ = fs::write(cgroup.join("cgroup.freeze"), "1");
+            "agent frozen (it stays frozen: thaw it by writing 0 to its cgroup.freeze, or kill it)"
+                .to_string()
+        }
         Action::Throttle => {
-            if !agent
-                .throttled
-                .swap(true, std::sync::atomic::Ordering::SeqCst)
-            {
+            if !agent.throttled.swap(true, SeqCst) {
                 let _ = fs::write(cgroup.join("cgroup.freeze"), "1");
                 let key = agentd_common::budgets::BudgetKey {
                     agent: agent.id,
@@ -965,24 +1086,46 @@ pub fn on_budget(daemon: &Arc<Daemon>, e: &agentd_common::events::BudgetEvent) -
                     {
                         eprintln!("agentd: agent {}: thawing: {e}", a.name);
                     }
-                    a.throttled
-                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    a.throttled.store(false, SeqCst);
                 });
             }
             "agent frozen until the budget refills".to_string()
         }
     };
     let h = &e.header;
-    Some(format!(
-        "budget {class} exhausted ({}/s, burst {}; {} times) at system call {}: {done} (agent {}, pid {}, comm {}, hook sys_enter)",
-        e.rate,
-        e.burst,
-        e.exhausted,
-        e.syscall,
+    let what = if e.class == agentd_common::budgets::CLASS_DENIALS {
+        format!(
+            "circuit breaker tripped: more denials than {} in a burst at {}/s",
+            e.burst / agentd_common::budgets::DENIAL_TOKENS,
+            e.rate as f64 / agentd_common::budgets::DENIAL_TOKENS as f64
+        )
+    } else {
+        let scope = if e.host != 0 { "host-wide " } else { "" };
+        let at = if h.hook == agentd_common::events::HOOK_SYS_ENTER {
+            format!(" at system call {}", e.syscall)
+        } else {
+            String::new()
+        };
+        let trip = if tripped {
+            "; circuit breaker tripped (exhaustions)"
+        } else {
+            ""
+        };
+        format!(
+            "{scope}budget {class} exhausted ({}/s, burst {}; {} times){at}{trip}",
+            e.rate, e.burst, e.exhausted
+        )
+    };
+    let text = format!(
+        "{what}: {done} (agent {}, pid {}, comm {}, hook {})",
         agent.name,
         h.pid,
-        crate::events::comm(h)
-    ))
+        crate::events::comm(h),
+        crate::events::hook(h.hook)
+    );
+    // What the daemon did is logged (at most one event per budget and second, except kills).
+    eprintln!("agentd: {text}");
+    Some(text)
 }
 
 /// Signals a `run` client may forward to its agent.
@@ -1023,10 +1166,36 @@ pub async fn run(
         }
     };
     let state = prepared.state;
-    daemon
-        .agents
-        .locked()
-        .insert(state.name.clone(), state.clone());
+    let admitted = {
+        let mut agents = daemon.agents.locked();
+        let room = agents.len() < daemon.config.max_agents;
+        if room {
+            agents.insert(state.name.clone(), state.clone());
+        }
+        room
+    };
+    if !admitted {
+        let (d, s) = (daemon.clone(), state.clone());
+        let _ = tokio::task::spawn_blocking(move || teardown(&d, &s)).await;
+        let message = format!(
+            "{} agents are running, the most this host allows (agents.max in {})",
+            daemon.config.max_agents,
+            daemon
+                .config
+                .path
+                .as_ref()
+                .map_or("the configuration".to_string(), |p| p.display().to_string())
+        );
+        let _ = send(
+            &mut stream,
+            &Reply::Error {
+                message,
+                exit_code: 1,
+            },
+        )
+        .await;
+        return;
+    }
     // The parent's policy may have changed while this one was computed from it, before
     // this agent was registered where a change would find it: narrow it again.
     if let Some(parent) = state.parent_id.and_then(|id| daemon.agent_by_id(id))
@@ -1037,7 +1206,9 @@ pub async fn run(
     }
     reporter(&daemon);
     // Before the agent's first instruction: its budgets are charged from the start.
-    if !budget_hook(&daemon) && !state.live.locked().policy.budgets.is_empty() {
+    if !budget_hook(&daemon)
+        && crate::budgets::needs_sys_enter(&kernel_budgets(&state.live.locked().policy))
+    {
         let (d, s) = (daemon.clone(), state.clone());
         let _ = tokio::task::spawn_blocking(move || teardown(&d, &s)).await;
         let message =
@@ -1053,7 +1224,26 @@ pub async fn run(
         return;
     }
     let mut child = match launcher::spawn(prepared.plan) {
-        Ok(c) => c,
+        Ok(launcher::Spawned { child, listener }) => {
+            if let Some(listener) = listener {
+                match crate::budgets::supervise(
+                    listener,
+                    &state.name,
+                    process_gate(&daemon, &state),
+                ) {
+                    Ok(n) => *state.notifier.locked() = Some(n),
+                    Err(e) => {
+                        // Unanswered, its process creations fail: kill it rather than
+                        // leave it half working.
+                        eprintln!("agentd: agent {}: starting its notifier: {e}", state.name);
+                        if let Some(c) = state.cgroup.locked().as_ref() {
+                            let _ = fs::write(c.path().join("cgroup.kill"), "1");
+                        }
+                    }
+                }
+            }
+            child
+        }
         Err(e) => {
             let (d, s) = (daemon.clone(), state.clone());
             let _ = tokio::task::spawn_blocking(move || teardown(&d, &s)).await;

@@ -256,6 +256,12 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(e) = &budgets_unusable {
         eprintln!("agentd: rate budgets cannot be enforced: {e}");
     }
+    crate::budgets::apply(
+        &mut kernel,
+        agentd_common::budgets::HOST,
+        &config.host_budgets,
+    )
+    .context("storing the host-wide budgets")?;
     let enforcement = vec![
         "process: seccomp filter (x86-64, i386, x32), no_new_privs, capabilities dropped"
             .to_string(),
@@ -264,8 +270,16 @@ pub async fn run(config: Config) -> Result<()> {
             .to_string(),
         file_enforcers.describe(),
         match &budgets_unusable {
-            None => "budgets: raw tracepoint sys_enter (token buckets per agent and class; log, throttle, kill)".to_string(),
-            Some(_) => "budgets: NOT ENFORCED (the sys_enter program did not load)".to_string(),
+            None => format!(
+                "budgets: raw tracepoint sys_enter (token buckets per agent and class; log, throttle, kill); \
+                 deny: {}, socket hooks (connects), skb egress (egress_bytes); breakers",
+                if file_enforcers.lsm {
+                    "BPF LSM task_alloc (processes)"
+                } else {
+                    "seccomp notifier answered by the daemon (processes)"
+                }
+            ),
+            Some(_) => "budgets: NOT ENFORCED (the sys_enter program did not load); deny of connects and egress_bytes and breakers still apply".to_string(),
         },
     ];
     let protected = protected_paths(&config, &mount);
@@ -397,7 +411,7 @@ async fn pump_events(daemon: Arc<Daemon>, reader: EventReader) {
 }
 
 /// Counts an event and keeps it among the agent's recent denials.
-fn record(daemon: &Arc<Daemon>, e: &Event) {
+pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
     use agentd_common::events::{HOOK_SYSCALL_EXIT, VERDICT_AUDIT};
     let h = e.header();
     // One denial, two reports: a BPF LSM hook refused a file access and the system call
@@ -483,6 +497,7 @@ fn file_enforcers(kernel: &mut Ebpf, config: &Config) -> crate::files::Enforcers
     let lsm = match btf {
         Ok(btf) => match crate::files::attach(kernel, &btf).and_then(|mut f| {
             f.extend(crate::process::attach(kernel, &btf)?);
+            f.extend(crate::budgets::attach_lsm(kernel, &btf)?);
             Ok(f)
         }) {
             Ok(loaded) => {
@@ -494,6 +509,7 @@ fn file_enforcers(kernel: &mut Ebpf, config: &Config) -> crate::files::Enforcers
                 for name in crate::files::LSM_PROGRAMS
                     .iter()
                     .chain(crate::process::LSM_PROGRAMS)
+                    .chain(crate::budgets::LSM_PROGRAMS)
                 {
                     let lsm: Option<&mut aya::programs::Lsm> =
                         kernel.program_mut(name).and_then(|p| p.try_into().ok());

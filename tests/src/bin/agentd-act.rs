@@ -22,6 +22,14 @@
 //!   dns NAME SERVER:PORT udp|tcp
 //!                            one A query for NAME, to SERVER over UDP or TCP; report the
 //!                            response code and addresses
+//!   fork-loop SECS           for SECS seconds, fork children that exit at once; report
+//!                            how many were created and how many forks failed (by errno)
+//!   connect-for ADDR:PORT SECS
+//!                            for SECS seconds, connect and close, 1 ms apart; report the
+//!                            counts of successes and failures (by errno)
+//!   upload ADDR:PORT BYTES SECS
+//!                            connect and write up to BYTES (stop after SECS seconds);
+//!                            report how many bytes the kernel took
 //!   env                      the environment
 //!   fds                      open file descriptors
 //!   sleep SECS               sleep
@@ -670,6 +678,71 @@ fn main() {
                 .try_for_each(|_| std::fs::File::open(path).map(drop))
                 .map(|()| json!(format!("opened {path} {n} times")));
             report("open-many", r);
+        }
+        ["fork-loop", secs] => {
+            let secs: f64 = secs.parse().unwrap_or_else(|_| usage());
+            let start = std::time::Instant::now();
+            let (mut created, mut failed) = (0u64, BTreeMap::<i32, u64>::new());
+            while start.elapsed().as_secs_f64() < secs {
+                // SAFETY: the child only calls _exit.
+                match unsafe { libc::fork() } {
+                    0 => unsafe { libc::_exit(0) },
+                    -1 => {
+                        *failed
+                            .entry(Error::last_os_error().raw_os_error().unwrap_or(-1))
+                            .or_default() += 1;
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    pid => {
+                        created += 1;
+                        // SAFETY: reaps our own child.
+                        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                    }
+                }
+            }
+            report(
+                "fork-loop",
+                Ok(
+                    json!({"created": created, "failed": failed, "secs": start.elapsed().as_secs_f64()}),
+                ),
+            );
+        }
+        ["connect-for", addr, secs] => {
+            let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+            let secs: f64 = secs.parse().unwrap_or_else(|_| usage());
+            let start = std::time::Instant::now();
+            let (mut ok, mut failed) = (0u64, BTreeMap::<i32, u64>::new());
+            while start.elapsed().as_secs_f64() < secs {
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                    Ok(_) => ok += 1,
+                    Err(e) => *failed.entry(e.raw_os_error().unwrap_or(-1)).or_default() += 1,
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            report("connect-for", Ok(json!({"ok": ok, "failed": failed})));
+        }
+        ["upload", addr, bytes, secs] => {
+            let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+            let bytes: u64 = bytes.parse().unwrap_or_else(|_| usage());
+            let secs: f64 = secs.parse().unwrap_or_else(|_| usage());
+            let start = std::time::Instant::now();
+            let r = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map(|mut s| {
+                let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                let chunk = vec![b'x'; 65536];
+                let mut sent = 0u64;
+                while sent < bytes && start.elapsed().as_secs_f64() < secs {
+                    let n = chunk.len().min((bytes - sent) as usize);
+                    match s.write(&chunk[..n]) {
+                        Ok(w) => sent += w as u64,
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+                json!({"sent": sent})
+            });
+            report("upload", r);
         }
         ["getpid-loop", n] => {
             // N getpid system calls (not the C library's: it may cache), a budget's target.

@@ -159,23 +159,25 @@ fn charge(c: &mut Charge) -> u32 {
         // At most 10^12 µs (277 hours): × MAX_RATE stays within u64.
         let elapsed_us = (now.saturating_sub(base) / 1000).min(1_000_000_000_000);
         let refill = elapsed_us * (*b).rate / 1_000_000;
-        if refill > consumed {
+        // Above 2^62: a refund (see `take_both`) raced a reset and wrapped below zero;
+        // start over rather than refuse for good.
+        if refill > consumed || consumed > 1 << 62 {
             // Full again: start over from now (a racing add may be lost: one operation).
             core::ptr::write_volatile(&raw mut (*b).consumed, amount);
             core::ptr::write_volatile(&raw mut (*b).base_ns, now);
             return 0;
         }
-        // Every operation is charged, also past the allowance: the debt is what a throttled
-        // agent waits for (the daemon reads it when it freezes the agent). An operation
-        // that finds one token left goes through whatever its size (one packet over).
-        add(&raw mut (*b).consumed, amount);
+        // An operation that finds one token left goes through whatever its size (one
+        // packet over). Past the allowance, a `deny` operation is refused and takes
+        // nothing; any other is charged all the same: the debt is what a throttled agent
+        // waits for (the daemon reads it when it freezes the agent).
         let allowance = (*b).burst + refill;
         if consumed < allowance {
+            add(&raw mut (*b).consumed, amount);
             return 0;
         }
-        if action == ACTION_DENY {
-            // Refused: it took nothing.
-            add(&raw mut (*b).consumed, amount.wrapping_neg());
+        if action != ACTION_DENY {
+            add(&raw mut (*b).consumed, amount);
         }
         add(&raw mut (*b).exhausted, 1);
         let interval = if action == ACTION_THROTTLE {
@@ -192,18 +194,20 @@ fn charge(c: &mut Charge) -> u32 {
     }
 }
 
+/// Who refused an operation in [`take_both`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    No,
+    /// The agent's own budget: a refusal of the agent (counts for its breaker).
+    Own,
+    /// The host-wide budget, which all agents share: not held against this agent.
+    Host,
+}
+
 /// Takes `amount` from the agent's bucket of `class`, then (unless the agent's refused
-/// it) from the host's. Returns `Some(ACTION_DENY)` when either refused it, otherwise
-/// the action of an empty bucket, if one was.
+/// it) from the host's; when the host's refuses, the agent's tokens are given back.
 #[inline(always)]
-pub fn take_both(
-    who: u64,
-    class: u32,
-    amount: u64,
-    role: Role,
-    hook: u32,
-    now: u64,
-) -> Option<u32> {
+pub fn take_both(who: u64, class: u32, amount: u64, role: Role, hook: u32, now: u64) -> Refused {
     let own = BudgetKey {
         agent: who,
         class,
@@ -211,14 +215,28 @@ pub fn take_both(
     };
     let mine = take(own, who, amount, role, hook, 0, now);
     if mine == Some(ACTION_DENY) {
-        return mine;
+        return Refused::Own;
     }
     let host = BudgetKey {
         agent: HOST,
         class,
         _pad: 0,
     };
-    take(host, who, amount, Role::Only, hook, 0, now).or(mine)
+    if take(host, who, amount, Role::Only, hook, 0, now) != Some(ACTION_DENY) {
+        return Refused::No;
+    }
+    if mine.is_none()
+        && let Some(b) = BUDGETS.get_ptr_mut(own)
+    {
+        // SAFETY: as in charge(). Only a `deny` bucket admitted it (others are charged
+        // whatever happens), and a reset racing this refund is healed by charge().
+        unsafe {
+            if (*b).action == ACTION_DENY {
+                add(&raw mut (*b).consumed, amount.wrapping_neg());
+            }
+        }
+    }
+    Refused::Host
 }
 
 /// Counts one refusal of agent `id` at `hook` against its circuit breaker, if it has one.
@@ -338,10 +356,12 @@ pub fn task_alloc(ctx: LsmContext) -> i32 {
     };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if take_both(id, CLASS_PROCESSES, 1, Role::Refusing, HOOK_TASK_ALLOC, now) == Some(ACTION_DENY)
-    {
-        denied(id, HOOK_TASK_ALLOC);
-        return -EAGAIN;
+    match take_both(id, CLASS_PROCESSES, 1, Role::Refusing, HOOK_TASK_ALLOC, now) {
+        Refused::No => 0,
+        Refused::Own => {
+            denied(id, HOOK_TASK_ALLOC);
+            -EAGAIN
+        }
+        Refused::Host => -EAGAIN,
     }
-    0
 }

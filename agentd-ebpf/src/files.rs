@@ -704,7 +704,8 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     let Some(user_path) = read::<u64>(regs, reg) else {
         return 0;
     };
-    crate::budgets::denied(id, HOOK_SYSCALL_EXIT);
+    // Not counted for the circuit breaker: a failure seen here may be Landlock's refusal or
+    // an ordinary permission error, which agentd did not decide.
     let Some(mut entry) = events::reserve::<FileEvent>() else {
         return 0;
     };

@@ -17,7 +17,7 @@
 
 use agentd_common::{
     agent::{AGENT_FLAG_AUDIT, AGENT_FLAG_KILLED, AgentEntry},
-    budgets::{ACTION_DENY, CLASS_CONNECTS, CLASS_EGRESS_BYTES},
+    budgets::{CLASS_CONNECTS, CLASS_EGRESS_BYTES},
     events::{
         EVENT_NET, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS,
         HOOK_SOCK_CREATE, NetEvent, VERDICT_AUDIT, VERDICT_DENY,
@@ -38,7 +38,7 @@ use aya_ebpf::{
 
 use crate::{
     agent,
-    budgets::{self, Role},
+    budgets::{self, Refused, Role},
     events,
 };
 
@@ -188,10 +188,11 @@ fn report(
 fn over_budget(id: u64, hook: u32) -> bool {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if budgets::take_both(id, CLASS_CONNECTS, 1, Role::Refusing, hook, now) != Some(ACTION_DENY) {
-        return false;
+    match budgets::take_both(id, CLASS_CONNECTS, 1, Role::Refusing, hook, now) {
+        Refused::No => return false,
+        Refused::Own => budgets::denied(id, hook),
+        Refused::Host => {}
     }
-    budgets::denied(id, hook);
     // SAFETY: sets the error the refused call returns (instead of EPERM).
     unsafe { bpf_set_retval(-EAGAIN) };
     true
@@ -531,11 +532,14 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
                 HOOK_SKB_EGRESS,
                 now,
             );
-            if bytes == Some(ACTION_DENY) {
-                budgets::denied(id, HOOK_SKB_EGRESS);
-                return DENY;
-            }
-            return ALLOW;
+            return match bytes {
+                Refused::No => ALLOW,
+                Refused::Own => {
+                    budgets::denied(id, HOOK_SKB_EGRESS);
+                    DENY
+                }
+                Refused::Host => DENY,
+            };
         }
         if denied_for_audit(&entry) {
             report(

@@ -22,8 +22,8 @@
 //!
 //! [breaker]                    # circuit breaker
 //! denials = 50                 # more than 50 refusals of any kind ...
-//! seconds = 10                 # ... within 10 seconds
-//! exhaustions = 5              # or 5 exhaustion events of one budget
+//! seconds = 10                 # ... within 10 seconds (at most 10,000 a second)
+//! exhaustions = 5              # or 5 exhaustion events of its budgets, in all
 //! action = "kill"              # or "freeze" (stays frozen)
 //! ```
 //!
@@ -40,10 +40,15 @@
 //! - `egress_bytes`: packets dropped by `skb_egress`.
 //!
 //! The breaker is the budget class `denials`: N denials in T seconds is a bucket of
-//! burst N and rate N/T that every refusal of the agent (network, files, processes,
-//! budgets) draws from; when it is empty the daemon kills or freezes the agent.
-//! `exhaustions` is counted by the daemon from budget events (at most one per budget per
-//! second while it stays empty).
+//! burst N and rate N/T that every refusal of the agent by a kernel hook (network, BPF
+//! LSM file and process hooks, its own `deny` budgets) draws from; when it is empty the
+//! daemon kills or freezes the agent. Not counted: Landlock's refusals (the kernel gives
+//! no hook; a failed call seen at system call exit may be an ordinary permission error),
+//! the seccomp notifier's refusals, and refusals by host-wide budgets (shared by all
+//! agents). `exhaustions` is counted by the daemon from the agent's own budget events
+//! (at most one per budget per second while it stays empty), over its whole run. In audit
+//! mode the breaker only reports. Host-wide `deny` budgets refuse agents in audit mode
+//! too: they are the host's invariant, not the agent's policy.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -201,6 +206,15 @@ pub fn build_breaker(
                 return Err((
                     "seconds",
                     format!("{t} seconds for {n} denials: at most {}", n * DENIAL_TOKENS),
+                ));
+            }
+            if n * DENIAL_TOKENS / t > MAX_RATE {
+                return Err((
+                    "denials",
+                    format!(
+                        "{n} denials in {t} seconds: at most {} a second",
+                        MAX_RATE / DENIAL_TOKENS
+                    ),
                 ));
             }
             Some((n, t))
@@ -642,6 +656,16 @@ pub fn supervise(
                 };
                 // SAFETY: one valid pollfd.
                 let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+                if n < 0
+                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    // Closing the listener makes the notified calls fail (ENOSYS): closed.
+                    eprintln!(
+                        "agentd: notifier: poll: {}; its process creations now fail",
+                        std::io::Error::last_os_error()
+                    );
+                    break;
+                }
                 if n <= 0 {
                     continue;
                 }
@@ -668,7 +692,13 @@ pub fn supervise(
                     },
                 };
                 // SAFETY: as above. ENOENT (the caller died) needs nothing.
-                unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SEND, &resp) };
+                if unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SEND, &resp) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        // The caller stays blocked until it dies or the listener closes.
+                        eprintln!("agentd: notifier: answering pid {}: {e}", req.pid);
+                    }
+                }
             }
         })?;
     Ok(Notifier { stop })
@@ -732,6 +762,38 @@ mod tests {
         assert_eq!(
             build("denials", 5, None, Action::Log, None).unwrap_err().0,
             "syscalls"
+        );
+    }
+
+    #[test]
+    fn breakers_are_checked_and_narrowed() {
+        let b = build_breaker(Some(5), Some(10), None, "kill").unwrap();
+        let bucket = b.bucket().unwrap();
+        assert_eq!(
+            (bucket.burst, bucket.rate),
+            (5000, 500),
+            "5 denials in 10 s"
+        );
+        assert_eq!(
+            build_breaker(Some(1_000_000), Some(1), None, "kill")
+                .unwrap_err()
+                .0,
+            "denials",
+            "a rate the bucket arithmetic cannot hold"
+        );
+        assert_eq!(
+            build_breaker(None, None, None, "kill").unwrap_err().0,
+            "denials"
+        );
+        assert_eq!(
+            build_breaker(None, None, Some(3), "log").unwrap_err().0,
+            "action"
+        );
+        let other = build_breaker(Some(10), Some(5), Some(3), "freeze").unwrap();
+        let both = Breaker::intersect(&Some(b), &Some(other)).unwrap();
+        assert_eq!(
+            (both.denials, both.exhaustions, both.action),
+            (Some((5, 10)), Some(3), Action::Kill)
         );
     }
 

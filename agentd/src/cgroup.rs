@@ -240,6 +240,30 @@ impl CgroupDir {
     }
 }
 
+/// Caps the tasks (processes and threads) below `dir`, all its children together, with the
+/// pids controller: a fork or clone beyond fails with EAGAIN in the kernel. The
+/// controller must be enabled in the parent's `cgroup.subtree_control` (systemd does so
+/// for a service with `Delegate=yes`); agentd never changes cgroups it did not create.
+pub fn limit_tasks(dir: &Path, max: u64) -> Result<()> {
+    let controllers = fs::read_to_string(dir.join("cgroup.controllers"))
+        .with_context(|| format!("reading {}/cgroup.controllers", dir.display()))?;
+    if !controllers.split_whitespace().any(|c| c == "pids") {
+        bail!(
+            "the pids controller is not available to {} (its controllers: {}); enable it in \
+             {}/cgroup.subtree_control, or run agentd as a systemd service with Delegate=yes",
+            dir.display(),
+            if controllers.trim().is_empty() {
+                "none"
+            } else {
+                controllers.trim()
+            },
+            dir.parent().unwrap_or(dir).display()
+        );
+    }
+    fs::write(dir.join("pids.max"), max.to_string())
+        .with_context(|| format!("writing {}/pids.max", dir.display()))
+}
+
 impl Drop for CgroupDir {
     fn drop(&mut self) {
         if self.owned

@@ -16,6 +16,8 @@
 //! tmp_dir = "/run/agentd/tmp"                 # per-agent private tmp directories go here
 //!                                             # (root-owned, writable by no one else)
 //! max = 1024                                  # most agents running at once
+//! max_tasks = 10000                           # none by default: processes and threads of
+//!                                             # all agents together (pids controller)
 //!
 //! [dns]
 //! upstream = "auto"                           # or ["192.0.2.53:53"]; auto: /etc/resolv.conf
@@ -67,6 +69,9 @@ pub struct Config {
     pub use_landlock: bool,
     /// Most agents running at once.
     pub max_agents: usize,
+    /// Most tasks (processes and threads) of all agents together: `pids.max` of the agent
+    /// root.
+    pub max_tasks: Option<u64>,
     /// Budgets shared by all agents (`connects`, `egress_bytes`).
     pub host_budgets: std::collections::BTreeMap<String, crate::budgets::Budget>,
 }
@@ -88,6 +93,7 @@ impl Default for Config {
             use_lsm: true,
             use_landlock: true,
             max_agents: 1024,
+            max_tasks: None,
             host_budgets: Default::default(),
         }
     }
@@ -146,6 +152,7 @@ struct RawAgents {
     user: Option<Spanned<String>>,
     tmp_dir: Option<Spanned<String>>,
     max: Option<Spanned<i64>>,
+    max_tasks: Option<Spanned<i64>>,
 }
 
 impl Config {
@@ -294,6 +301,15 @@ impl Config {
                 ));
             }
             c.max_agents = *v.get_ref() as usize;
+        }
+        if let Some(v) = &raw.agents.max_tasks {
+            if *v.get_ref() < 1 {
+                return Err(loc.at(
+                    v.span(),
+                    format!("agents.max_tasks: {} is not a positive number", v.get_ref()),
+                ));
+            }
+            c.max_tasks = Some(*v.get_ref() as u64);
         }
         for (class, rb) in &raw.host_budgets {
             let b = rb.get_ref();

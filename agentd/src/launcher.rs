@@ -372,30 +372,41 @@ fn child_steps(setup: &ChildSetup) -> io::Result<()> {
     Ok(())
 }
 
+/// A control message with room for one descriptor.
+#[repr(C)]
+struct FdCmsg {
+    hdr: libc::cmsghdr,
+    fd: RawFd,
+}
+
+/// A one-byte message carrying `cmsg`: both buffers must outlive its use.
+fn fd_msghdr(iov: &mut libc::iovec, cmsg: &mut FdCmsg) -> libc::msghdr {
+    // SAFETY: a zeroed msghdr is valid; the pointers set below are the caller's.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = (cmsg as *mut FdCmsg).cast();
+    msg.msg_controllen = std::mem::size_of::<FdCmsg>() as _;
+    msg
+}
+
 /// Sends descriptor `fd` over the Unix socket `sock` (SCM_RIGHTS). System calls only.
 fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
-    // A cmsg buffer for one descriptor, aligned for cmsghdr.
-    #[repr(C)]
-    struct Cmsg {
-        hdr: libc::cmsghdr,
-        fd: RawFd,
-    }
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: zeroed plain structs, then filled in.
-    let mut cmsg: Cmsg = unsafe { std::mem::zeroed() };
+    // SAFETY: a zeroed cmsghdr is valid; filled in below.
+    let mut cmsg = FdCmsg {
+        hdr: unsafe { std::mem::zeroed() },
+        fd,
+    };
+    // SAFETY: CMSG_LEN only computes.
     cmsg.hdr.cmsg_len = unsafe { libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) } as _;
     cmsg.hdr.cmsg_level = libc::SOL_SOCKET;
     cmsg.hdr.cmsg_type = libc::SCM_RIGHTS;
-    cmsg.fd = fd;
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = (&raw mut cmsg).cast();
-    msg.msg_controllen = std::mem::size_of::<Cmsg>() as _;
+    let msg = fd_msghdr(&mut iov, &mut cmsg);
     // SAFETY: msg points at live stack buffers.
     if unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) } == 1 {
         Ok(())
@@ -406,26 +417,25 @@ fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
 
 /// Receives the descriptor [`send_fd`] sent, without waiting.
 fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
-    #[repr(C)]
-    struct Cmsg {
-        hdr: libc::cmsghdr,
-        fd: RawFd,
-    }
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: zeroed plain structs, filled in by the kernel.
-    let mut cmsg: Cmsg = unsafe { std::mem::zeroed() };
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = (&raw mut cmsg).cast();
-    msg.msg_controllen = std::mem::size_of::<Cmsg>() as _;
+    // SAFETY: a zeroed cmsghdr is valid; the kernel fills it in.
+    let mut cmsg = FdCmsg {
+        hdr: unsafe { std::mem::zeroed() },
+        fd: -1,
+    };
+    let mut msg = fd_msghdr(&mut iov, &mut cmsg);
     // SAFETY: msg points at live stack buffers.
     let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
-    if n != 1 || cmsg.hdr.cmsg_level != libc::SOL_SOCKET || cmsg.hdr.cmsg_type != libc::SCM_RIGHTS {
+    if n != 1
+        || msg.msg_flags & libc::MSG_CTRUNC != 0
+        || cmsg.hdr.cmsg_level != libc::SOL_SOCKET
+        || cmsg.hdr.cmsg_type != libc::SCM_RIGHTS
+        || cmsg.fd < 0
+    {
         return Err(io::Error::other(
             "no process notifier descriptor from the agent's launcher",
         ));

@@ -455,12 +455,11 @@ fn a_circuit_breaker_kills_an_agent_after_repeated_denials() {
         "[network]\nallow = []\n[breaker]\ndenials = 5\nseconds = 60\naction = \"kill\"\n",
     );
     let d = TestDaemon::start(&[("breaker", &p)]);
-    // 200 denied connects, 20 ms apart (4 s): the breaker ends it long before. Without
-    // cargo's LD_LIBRARY_PATH: the dynamic loader's probes of /root/.rustup (which the
-    // agent's user may not read) are denials too, and would trip the breaker first.
+    // 200 denied connects, 20 ms apart (4 s): the breaker ends it long before. (With
+    // cargo's LD_LIBRARY_PATH, the dynamic loader's probes of /root/.rustup fail with
+    // EACCES first: ordinary permission errors, which must not count.)
     let out = d
         .agentd()
-        .env_remove("LD_LIBRARY_PATH")
         .args([
             "run",
             "--profile",
@@ -495,10 +494,31 @@ fn a_circuit_breaker_kills_an_agent_after_repeated_denials() {
         "{}",
         d.log()
     );
+    // In audit mode the same loop is only reported: it runs all its tries.
+    let out = d.run(&[
+        "--profile",
+        "breaker",
+        "--audit",
+        "--",
+        &act(),
+        "connect-loop",
+        "192.0.2.1:80",
+        "12",
+        "10",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        12,
+        "audit: every try ran (none connects: nothing answers at 192.0.2.1)"
+    );
     // An agent under the same profile that stays within it is not touched.
     let out = d
         .agentd()
-        .env_remove("LD_LIBRARY_PATH")
         .args([
             "run",
             "--profile",
@@ -517,4 +537,36 @@ fn a_circuit_breaker_kills_an_agent_after_repeated_denials() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `agents.max_tasks` caps the tasks of all agents together with the pids controller, or,
+/// where the controller is not available to the agent root (this build host: pids is a
+/// cgroup v1 controller here), the daemon refuses to start, says why, and leaves nothing.
+#[test]
+fn a_task_cap_holds_for_all_agents_or_the_daemon_refuses_to_start() {
+    let mount = agentd::cgroup::cgroup2_mount().unwrap();
+    let available = std::fs::read_to_string(mount.mount_point.join("cgroup.subtree_control"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|c| c == "pids");
+    let p = profile("plain", "");
+    let started = TestDaemon::try_with(DaemonSetup {
+        profiles: &[("plain", &p)],
+        agents_config: "max_tasks = 20",
+        ..Default::default()
+    });
+    if !available {
+        let Err((log, root_left)) = started else {
+            panic!("the daemon started with a cap it cannot enforce");
+        };
+        assert!(
+            log.contains("agents.max_tasks")
+                && log.contains("the pids controller is not available"),
+            "{log}"
+        );
+        assert!(!root_left, "no agent root is left behind");
+        return;
+    }
+    let d = started.unwrap_or_else(|(log, _)| panic!("{log}"));
+    agentd_tests::assert_tasks_capped(&d, &act(), 20);
 }

@@ -266,6 +266,7 @@ fn names_resolve_only_when_allowed_and_denied_names_never_leave() {
         profiles: &[("dns", &profile)],
         extra_config: &config,
         resolv_conf: Some("nameserver 127.0.0.1\n"),
+        ..Default::default()
     });
     let act = act();
     let script = format!(

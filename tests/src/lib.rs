@@ -262,6 +262,8 @@ pub struct DaemonSetup<'a> {
     pub profiles: &'a [(&'a str, &'a str)],
     /// Extra configuration appended to the generated file (e.g. a `[dns]` section).
     pub extra_config: &'a str,
+    /// Extra lines of the generated file's `[agents]` section (e.g. `max = 3`).
+    pub agents_config: &'a str,
     /// If set, the daemon (and so every agent) runs in a private mount namespace where
     /// /etc/resolv.conf has this text: agents' name lookups then never depend on, or
     /// reach, the host's resolver.
@@ -278,6 +280,13 @@ impl TestDaemon {
     }
 
     pub fn with(setup: DaemonSetup<'_>) -> Self {
+        Self::try_with(setup)
+            .unwrap_or_else(|(log, _)| panic!("the daemon did not start; its log:\n{log}"))
+    }
+
+    /// Starts a daemon; if it exits instead, returns its log and whether it left its agent
+    /// root cgroup behind (then removes its files and that cgroup).
+    pub fn try_with(setup: DaemonSetup<'_>) -> Result<Self, (String, bool)> {
         require_root();
         let dir = TempDir::new("daemon");
         let mount = cgroup::cgroup2_mount().expect("cgroup2 is mounted");
@@ -299,13 +308,14 @@ impl TestDaemon {
             &config,
             format!(
                 "[daemon]\nsocket = \"{}\"\nlaunch_socket = \"{}\"\nadmin_group = \"root\"\ncgroup_root = \"{}\"\n\
-                 [agents]\nprofiles_dir = \"{}\"\ndefault_profile = \"default\"\nuser = \"nobody\"\ntmp_dir = \"{}\"\n\
+                 [agents]\nprofiles_dir = \"{}\"\ndefault_profile = \"default\"\nuser = \"nobody\"\ntmp_dir = \"{}\"\n{}\n\
                  [dns]\nport = {dns_port}\n{}",
                 socket.display(),
                 launch_socket.display(),
                 root.display(),
                 profiles_dir.display(),
                 dir.path().join("tmp").display(),
+                setup.agents_config,
                 if setup.extra_config.contains("[dns]") { setup.extra_config.replace("[dns]\n", "") } else { setup.extra_config.to_string() },
             ),
         )
@@ -360,12 +370,14 @@ impl TestDaemon {
             std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
                 || !matches!(d.child.try_wait(), Ok(None))
         });
-        assert!(
-            ready && matches!(d.child.try_wait(), Ok(None)),
-            "the daemon did not start; its log:\n{}",
-            d.log()
-        );
-        d
+        if ready && matches!(d.child.try_wait(), Ok(None)) {
+            Ok(d)
+        } else {
+            let _ = wait_until(Duration::from_secs(10), || {
+                !matches!(d.child.try_wait(), Ok(None))
+            });
+            Err((d.log(), d.root.exists()))
+        }
     }
 
     pub fn log(&self) -> String {
@@ -540,4 +552,40 @@ impl Drop for FakeDns {
             let _ = t.join();
         }
     }
+}
+
+/// With `max_tasks` = `cap` and a profile `plain`: one agent holds 10 processes, and a
+/// second one can start only what is left (its fork then fails with EAGAIN). `act` is
+/// the agentd-act binary.
+pub fn assert_tasks_capped(d: &TestDaemon, act: &str, cap: u64) {
+    let holder = d
+        .agentd()
+        .args([
+            "run",
+            "--profile",
+            "plain",
+            "--",
+            act,
+            "spawn-hold",
+            "10",
+            "4",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || {
+            std::fs::read_to_string(d.root.join("pids.current"))
+                .is_ok_and(|n| n.trim().parse::<u64>().unwrap_or(0) >= 11)
+        }),
+        "the first agent holds its 10 children"
+    );
+    let out = d.run(&["--profile", "plain", "--", act, "spawn-hold", "50", "0"]);
+    let v = last_json(&out);
+    let started = v["detail"]["started"].as_u64().unwrap();
+    eprintln!("task cap {cap}: the second agent started {started} of 50: {v}");
+    // The cap, less the holder's 11 tasks and the second agent's own.
+    assert!(started + 12 <= cap, "{v}");
+    assert_eq!(v["detail"]["errno"], libc::EAGAIN, "{v}");
+    let _ = holder.wait_with_output();
 }

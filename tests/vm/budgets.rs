@@ -38,3 +38,15 @@ fn task_alloc_bounds_a_fork_loop_under_a_deny_budget() {
         d.log()
     );
 }
+
+#[test]
+fn the_task_cap_holds_for_all_agents_together() {
+    require_vm();
+    let p = "name = \"plain\"\nversion = \"1.0.0\"\n[files]\ndefault = \"allow\"\n";
+    let d = TestDaemon::with(agentd_tests::DaemonSetup {
+        profiles: &[("plain", p)],
+        agents_config: "max_tasks = 30",
+        ..Default::default()
+    });
+    agentd_tests::assert_tasks_capped(&d, &act_bin!().display().to_string(), 30);
+}

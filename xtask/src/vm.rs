@@ -149,6 +149,8 @@ mount -t devtmpfs dev /dev
 # /tmp stays on the root file system, as /etc: tests hard-link between them.
 mount -t securityfs none /sys/kernel/security
 mount -t cgroup2 none /sys/fs/cgroup
+# As systemd does on a host: the pids controller for the cgroups below the root.
+echo +pids > /sys/fs/cgroup/cgroup.subtree_control
 mount -t bpf bpf /sys/fs/bpf
 ip link set lo up
 echo "agentd-vm: kernel $(uname -r); LSMs $(cat /sys/kernel/security/lsm)"

@@ -1030,9 +1030,12 @@ pub fn on_budget(daemon: &Arc<Daemon>, e: &agentd_common::events::BudgetEvent) -
         } else {
             &live.policy.budgets
         };
+        // Audit mode acts on nothing; a host-wide budget that all agents share is not
+        // held against the one that found it empty.
+        let counts = live.policy.mode == Mode::Enforce && e.host == 0;
         (
             crate::budgets::class_name(budgets, e.class).unwrap_or_else(|| e.class.to_string()),
-            live.policy.breaker.clone(),
+            live.policy.breaker.clone().filter(|_| counts),
         )
     };
     let mut action = Action::from_code(e.action)?;

@@ -238,6 +238,14 @@ pub async fn run(config: Config) -> Result<()> {
     let mount = cgroup::cgroup2_mount()?;
     let root_path = agent_root_path(&config, &mount);
     let root_dir = prepare_root(&root_path)?;
+    match config.max_tasks {
+        Some(max) => cgroup::limit_tasks(&root_path, max).context("agents.max_tasks")?,
+        // An adopted root may carry the cap of an earlier configuration.
+        None if root_path.join("pids.max").exists() => {
+            fs::write(root_path.join("pids.max"), "max").context("clearing pids.max")?
+        }
+        None => {}
+    }
     let root = AgentRoot {
         id: root_dir.id(),
         level: cgroup::cgroup_level(&mount, &root_path)?,

@@ -30,6 +30,9 @@
 //!   upload ADDR:PORT BYTES SECS
 //!                            connect and write up to BYTES (stop after SECS seconds);
 //!                            report how many bytes the kernel took
+//!   spawn-hold N SECS        start N children that wait (stop at the first failure), hold
+//!                            them SECS seconds, then end them; report how many started
+//!                            and the errno that stopped it
 //!   env                      the environment
 //!   fds                      open file descriptors
 //!   sleep SECS               sleep
@@ -743,6 +746,37 @@ fn main() {
                 json!({"sent": sent})
             });
             report("upload", r);
+        }
+        ["spawn-hold", n, secs] => {
+            let n: u32 = n.parse().unwrap_or_else(|_| usage());
+            let secs: u64 = secs.parse().unwrap_or_else(|_| usage());
+            let mut children = Vec::new();
+            let mut errno = None;
+            for _ in 0..n {
+                // SAFETY: the child only waits for a signal.
+                match unsafe { libc::fork() } {
+                    0 => loop {
+                        unsafe { libc::pause() };
+                    },
+                    -1 => {
+                        errno = Error::last_os_error().raw_os_error();
+                        break;
+                    }
+                    pid => children.push(pid),
+                }
+            }
+            report(
+                "spawn-hold",
+                Ok(json!({"started": children.len(), "errno": errno})),
+            );
+            std::thread::sleep(Duration::from_secs(secs));
+            for pid in children {
+                // SAFETY: our own children.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+            }
         }
         ["getpid-loop", n] => {
             // N getpid system calls (not the C library's: it may cache), a budget's target.

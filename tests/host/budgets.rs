@@ -570,3 +570,57 @@ fn a_task_cap_holds_for_all_agents_or_the_daemon_refuses_to_start() {
     let d = started.unwrap_or_else(|(log, _)| panic!("{log}"));
     agentd_tests::assert_tasks_capped(&d, &act(), 20);
 }
+
+#[test]
+fn a_launch_beyond_agents_max_is_refused_and_leaves_nothing() {
+    let p = profile("plain", "");
+    let d = TestDaemon::with(DaemonSetup {
+        profiles: &[("plain", &p)],
+        agents_config: "max = 1",
+        ..Default::default()
+    });
+    let act = act();
+    let mut first = d
+        .agentd()
+        .args([
+            "run",
+            "--profile",
+            "plain",
+            "--name",
+            "first",
+            "--",
+            &act,
+            "sleep",
+            "5",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || d
+        .agent_cgroups()
+        .len()
+        == 1));
+    let out = d.run(&[
+        "--profile",
+        "plain",
+        "--name",
+        "second",
+        "--",
+        &act,
+        "exit",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("1 agents are running, the most this host allows (agents.max"),
+        "{err}"
+    );
+    assert_eq!(
+        d.agent_cgroups(),
+        vec!["first".to_string()],
+        "nothing of the second is left"
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+}

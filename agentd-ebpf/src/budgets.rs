@@ -2,8 +2,9 @@
 //! arithmetic, and which hook charges which bucket, is explained in
 //! agentd-common/src/budgets.rs.
 //!
-//! - `sys_enter` charges every bucket whose action is not `deny`, by system call number.
-//!   It is attached only while some agent has such a budget; for any other task it returns
+//! - `sys_enter` charges every bucket whose action is not `deny`, by system call number,
+//!   and kills (SIGKILL) any task of an agent whose kill switch was thrown. It is attached
+//!   only while some agent has such a budget or was killed; for any other task it returns
 //!   after one cgroup-ancestor comparison (the first thing `agent::current` does).
 //! - `task_alloc` (BPF LSM) refuses a process creation with EAGAIN when the agent's
 //!   `processes` budget is `deny` and empty.
@@ -11,7 +12,7 @@
 //!   and every hook that refuses something charges the breaker through [`denied`].
 
 use agentd_common::{
-    agent::AGENT_FLAG_BUDGETS,
+    agent::{AGENT_FLAG_BUDGETS, AGENT_FLAG_KILLED},
     budgets::{
         ACTION_DENY, ACTION_KILL, ACTION_THROTTLE, Bucket, BudgetKey, CLASS_DENIALS,
         CLASS_PROCESSES, CLASS_SYSCALLS, ClassKey, DENIAL_TOKENS, EVENT_INTERVAL_NS, HOST,
@@ -293,6 +294,12 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     let agent::Subject::Agent { id, entry } = agent::current() else {
         return 0;
     };
+    if entry.flags & AGENT_FLAG_KILLED != 0 {
+        // The kill switch was thrown: no system call of this agent runs any more.
+        // SAFETY: signals the current task.
+        unsafe { bpf_send_signal(SIGKILL) };
+        return 0;
+    }
     if entry.flags & AGENT_FLAG_BUDGETS == 0 {
         return 0;
     }

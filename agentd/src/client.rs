@@ -461,3 +461,114 @@ pub fn inspect(config: &Config, name: &str, json: bool) -> i32 {
     }
     0
 }
+
+/// `agentd kill` / `agentd thaw`: through the daemon, or (with `direct`, or when the daemon
+/// does not answer within `DAEMON_TIMEOUT`) directly on the agent cgroups, as root.
+pub fn kill(
+    config: &Config,
+    agents: &[String],
+    all: bool,
+    action: crate::kill::Action,
+    direct: bool,
+    json: bool,
+) -> i32 {
+    if agents.is_empty() && !all {
+        eprintln!("agentd: name the agents, or give --all");
+        return EXIT_POLICY;
+    }
+    let outcomes = if direct {
+        None
+    } else {
+        match call_with_timeout(
+            config,
+            &Request::Kill {
+                agents: agents.to_vec(),
+                all,
+                action,
+            },
+        ) {
+            Ok(Reply::Killed { outcomes }) => Some(outcomes),
+            Ok(Reply::Error { message, exit_code }) => {
+                eprintln!("agentd: {message}");
+                return exit_code;
+            }
+            Ok(_) => {
+                eprintln!("agentd: unexpected reply from the daemon");
+                return EXIT_AGENTD;
+            }
+            Err(why) => {
+                eprintln!("agentd: {why}: acting on the agent cgroups directly");
+                None
+            }
+        }
+    };
+    let outcomes = match outcomes {
+        Some(o) => o,
+        None => {
+            // SAFETY: no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                eprintln!("agentd: acting on agent cgroups directly needs root");
+                return EXIT_AGENTD;
+            }
+            match crate::kill::find_root(config)
+                .and_then(|root| crate::kill::direct(&root, agents, all, action))
+            {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("agentd: {e:#}");
+                    return EXIT_AGENTD;
+                }
+            }
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "outcomes": outcomes, "direct": direct })
+        );
+    } else {
+        if outcomes.is_empty() {
+            println!("no agents are running");
+        }
+        for o in &outcomes {
+            println!("{}", crate::kill::describe(o));
+        }
+    }
+    if outcomes.iter().any(|o| o.error.is_some()) {
+        1
+    } else {
+        0
+    }
+}
+
+/// How long `agentd kill` waits for the daemon before acting directly.
+pub const DAEMON_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A kill switch request: the daemon must accept it within [`DAEMON_TIMEOUT`] (a wedged
+/// or stopped daemon does not), then answer when the work is done. `Err` says why the
+/// daemon could not be used.
+fn call_with_timeout(config: &Config, request: &Request) -> Result<Reply, String> {
+    let path = socket_path(config);
+    let stream = UnixStream::connect(&path)
+        .map_err(|e| format!("the daemon at {} cannot be reached ({e})", path.display()))?;
+    let timeouts = stream
+        .set_write_timeout(Some(DAEMON_TIMEOUT))
+        .and_then(|()| stream.set_read_timeout(Some(DAEMON_TIMEOUT)));
+    timeouts.map_err(|e| e.to_string())?;
+    send_request(&stream, request, &[])
+        .map_err(|e| format!("the daemon did not take the request ({e})"))?;
+    let mut reader = BufReader::new(stream);
+    match read_reply(&mut reader) {
+        Some(Reply::Accepted) => {}
+        Some(other) => return Ok(other),
+        None => {
+            return Err(format!(
+                "the daemon did not accept the request within {DAEMON_TIMEOUT:?}"
+            ));
+        }
+    }
+    let _ = reader
+        .get_ref()
+        .set_read_timeout(Some(crate::kill::TIMEOUT + DAEMON_TIMEOUT));
+    read_reply(&mut reader).ok_or_else(|| "the daemon stopped answering".to_string())
+}

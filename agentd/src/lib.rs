@@ -9,6 +9,7 @@
 //! - [`files`]: file access rules (kernel: `files.rs`)
 //! - [`process`]: ptrace and signals across agent boundaries (kernel: `process.rs`)
 //! - [`events`]: records from the kernel (kernel: `events.rs`)
+//! - [`kill`]: the kill switch, through the daemon or directly on the cgroups
 //! - [`doctor`]: what this host can enforce (kernel: `probe.rs`)
 //!
 //! and the plumbing they share: [`ebpf`] (the embedded object and its loader), [`btf`]
@@ -26,6 +27,7 @@ pub mod doctor;
 pub mod ebpf;
 pub mod events;
 pub mod files;
+pub mod kill;
 pub mod launcher;
 pub mod network;
 pub mod policy;

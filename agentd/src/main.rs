@@ -72,6 +72,57 @@ enum Command {
     ///   sudo agentd update my-agent --enforce
     #[command(verbatim_doc_comment)]
     Update(Box<UpdateCmd>),
+    /// The kill switch: kill agents (every process, at once), or freeze them for
+    /// inspection.
+    ///
+    /// Asks the daemon, which sets each agent's kill flag in the kernel, writes its
+    /// cgroup.kill, waits until it is empty and removes it. If the daemon does not accept
+    /// the request within 3 s, or with --direct, acts on the agent cgroups itself (as
+    /// root): it needs neither the daemon nor the agents. `systemctl kill -s SIGUSR1
+    /// agentd` kills every agent too. Exit status 1 if any agent was not acted on.
+    ///
+    /// Examples:
+    ///   sudo agentd kill my-agent
+    ///   sudo agentd kill --all
+    ///   sudo agentd kill --freeze my-agent      # then: agentd thaw, or agentd kill
+    ///   sudo agentd kill --all --direct --json  # without the daemon
+    #[command(verbatim_doc_comment)]
+    Kill {
+        /// Agent names (see agentd ps).
+        #[arg(value_name = "AGENT", required_unless_present = "all")]
+        agents: Vec<String>,
+        /// Every agent.
+        #[arg(long, conflicts_with = "agents")]
+        all: bool,
+        /// Freeze instead of kill (cgroup.freeze).
+        #[arg(long)]
+        freeze: bool,
+        /// Do not ask the daemon: write the cgroup files directly (root).
+        #[arg(long)]
+        direct: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let agents frozen by `agentd kill --freeze` run again.
+    ///
+    /// Examples:
+    ///   sudo agentd thaw my-agent
+    #[command(verbatim_doc_comment)]
+    Thaw {
+        /// Agent names (see agentd ps).
+        #[arg(value_name = "AGENT", required_unless_present = "all")]
+        agents: Vec<String>,
+        /// Every agent.
+        #[arg(long, conflicts_with = "agents")]
+        all: bool,
+        /// Do not ask the daemon: write the cgroup files directly (root).
+        #[arg(long)]
+        direct: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what this host can enforce, found by loading real programs (needs root).
     ///
     /// Exits 0 when agentd can contain agents here, 1 when it cannot.
@@ -380,6 +431,41 @@ fn main() -> ExitCode {
             .map_or_else(|c| c, |config| client::ps(&config, json)),
         Command::Inspect { agent, json } => load_config(cli.config.as_deref())
             .map_or_else(|c| c, |config| client::inspect(&config, &agent, json)),
+        Command::Kill {
+            agents,
+            all,
+            freeze,
+            direct,
+            json,
+        } => {
+            let action = if freeze {
+                agentd::kill::Action::Freeze
+            } else {
+                agentd::kill::Action::Kill
+            };
+            load_config(cli.config.as_deref()).map_or_else(
+                |c| c,
+                |config| client::kill(&config, &agents, all, action, direct, json),
+            )
+        }
+        Command::Thaw {
+            agents,
+            all,
+            direct,
+            json,
+        } => load_config(cli.config.as_deref()).map_or_else(
+            |c| c,
+            |config| {
+                client::kill(
+                    &config,
+                    &agents,
+                    all,
+                    agentd::kill::Action::Thaw,
+                    direct,
+                    json,
+                )
+            },
+        ),
         Command::Profiles { command } => load_config(cli.config.as_deref())
             .map_or_else(|c| c, |config| profiles(&config, command)),
     };

@@ -20,8 +20,16 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 pub enum Request {
     Run(Box<RunRequest>),
     Ps,
-    Inspect { agent: String },
+    Inspect {
+        agent: String,
+    },
     Update(Box<UpdateRequest>),
+    /// The kill switch: kill, freeze or thaw the named agents, or all of them.
+    Kill {
+        agents: Vec<String>,
+        all: bool,
+        action: crate::kill::Action,
+    },
 }
 
 /// `agentd update`: a new policy for a running agent.
@@ -168,6 +176,12 @@ pub enum Reply {
     Updated {
         agent: Box<AgentInfo>,
         policy: Box<Policy>,
+    },
+    /// The kill switch request was taken; `Killed` follows when it is done.
+    Accepted,
+    /// What the kill switch did, per agent.
+    Killed {
+        outcomes: Vec<crate::kill::Outcome>,
     },
 }
 

@@ -7,5 +7,6 @@ mod doctor;
 mod egress;
 mod files;
 mod hardening;
+mod kill;
 mod network;
 mod run;

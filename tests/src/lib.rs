@@ -380,6 +380,21 @@ impl TestDaemon {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True once the daemon has exited (it stays a zombie until dropped: read /proc).
+    pub fn exited(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .map(|s| {
+                s.rsplit_once(") ")
+                    .is_none_or(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+            })
+            .unwrap_or(true)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }

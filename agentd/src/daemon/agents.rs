@@ -28,7 +28,7 @@ use std::{
 };
 
 use agentd_common::{
-    agent::{AGENT_FLAG_AUDIT, AGENT_FLAG_BUDGETS, AgentEntry},
+    agent::{AGENT_FLAG_AUDIT, AGENT_FLAG_BUDGETS, AGENT_FLAG_KILLED, AgentEntry},
     files::ACCESS_WRITE,
 };
 use anyhow::Result;
@@ -98,6 +98,12 @@ pub struct AgentState {
     cgroup_path: PathBuf,
     /// A throttle (freeze until a budget refills) is under way.
     throttled: std::sync::atomic::AtomicBool,
+    /// Held for the whole of a teardown: a second caller returns only once it is done.
+    teardown_lock: Mutex<()>,
+    /// The kill switch was thrown: the kernel entry carries AGENT_FLAG_KILLED.
+    killed: std::sync::atomic::AtomicBool,
+    /// Frozen by the kill switch (`--freeze`): a throttle's thaw leaves it frozen.
+    held: std::sync::atomic::AtomicBool,
     /// Budget exhaustion events so far (for the breaker's `exhaustions`).
     exhaustions: std::sync::atomic::AtomicU64,
     /// The supervisor of its process notifier (`processes` budget with `deny` where BPF
@@ -301,6 +307,10 @@ fn entry_of(daemon: &Daemon, agent: &AgentState, live: &Live) -> AgentEntry {
             0
         } | if crate::budgets::needs_sys_enter(&kernel_budgets(&live.policy)) {
             AGENT_FLAG_BUDGETS
+        } else {
+            0
+        } | if agent.killed.load(std::sync::atomic::Ordering::SeqCst) {
+            AGENT_FLAG_KILLED
         } else {
             0
         },
@@ -706,6 +716,9 @@ fn prepare(
         resolver: Mutex::new(None),
         throttled: std::sync::atomic::AtomicBool::new(false),
         exhaustions: std::sync::atomic::AtomicU64::new(0),
+        teardown_lock: Mutex::new(()),
+        killed: std::sync::atomic::AtomicBool::new(false),
+        held: std::sync::atomic::AtomicBool::new(false),
         notifier: Mutex::new(None),
         process_gate: Mutex::new(None),
     };
@@ -849,6 +862,7 @@ fn narrow_children(daemon: &Daemon, p: &AgentState) {
 /// Kills what is left of an agent, removes its kernel entries, cgroup and tmp, and
 /// forgets it. Safe to call twice.
 pub fn teardown(daemon: &Daemon, a: &AgentState) {
+    let _whole = a.teardown_lock.locked();
     let cgroup = a.cgroup.locked().take();
     if let Some(cgroup) = cgroup {
         if let Err(e) = cgroup.kill_all(Duration::from_secs(10)) {
@@ -954,7 +968,8 @@ fn budget_hook(daemon: &Daemon) -> bool {
         |agents| {
             usable
                 && agents.iter().any(|a| {
-                    crate::budgets::needs_sys_enter(&kernel_budgets(&a.live.locked().policy))
+                    a.killed.load(std::sync::atomic::Ordering::SeqCst)
+                        || crate::budgets::needs_sys_enter(&kernel_budgets(&a.live.locked().policy))
                 })
         },
     )
@@ -1083,8 +1098,9 @@ pub fn on_budget(daemon: &Arc<Daemon>, e: &agentd_common::events::BudgetEvent) -
                         tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
                     }
                     // Through the agent's own cgroup, and only while it has one: never a
-                    // later agent that got the same name.
+                    // later agent that got the same name. Not if the kill switch froze it.
                     if let Some(c) = a.cgroup.locked().as_ref()
+                        && !a.held.load(SeqCst)
                         && let Err(e) = fs::write(c.path().join("cgroup.freeze"), "0")
                     {
                         eprintln!("agentd: agent {}: thawing: {e}", a.name);
@@ -1129,6 +1145,91 @@ pub fn on_budget(daemon: &Arc<Daemon>, e: &agentd_common::events::BudgetEvent) -
     // What the daemon did is logged (at most one event per budget and second, except kills).
     eprintln!("agentd: {text}");
     Some(text)
+}
+
+/// The kill switch: kills (and then forgets), freezes or thaws the named agents, or all
+/// of them, each in a thread of its own. A kill first sets the agent's kill flag in the
+/// kernel, then writes cgroup.kill and waits until the cgroup is empty.
+pub fn kill_switch(
+    daemon: &Daemon,
+    names: &[String],
+    all: bool,
+    action: crate::kill::Action,
+) -> Vec<crate::kill::Outcome> {
+    use crate::kill::{Action as K, Outcome};
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut missing = Vec::new();
+    let targets: Vec<Arc<AgentState>> = if all {
+        daemon.agents.locked().values().cloned().collect()
+    } else {
+        names
+            .iter()
+            .filter_map(|n| {
+                let a = daemon.agent(n);
+                if a.is_none() {
+                    missing.push(n.clone());
+                }
+                a
+            })
+            .collect()
+    };
+    // Counted before the kill flag, which already ends tasks that make a system call.
+    let start = std::time::Instant::now();
+    let counts: Vec<usize> = targets
+        .iter()
+        .map(|a| crate::kill::count(&a.cgroup_path))
+        .collect();
+    if action == K::Kill {
+        for a in &targets {
+            a.killed.store(true, SeqCst);
+            let entry = entry_of(daemon, a, &a.live.locked());
+            // Only while it has its cgroup (teardown may be under way).
+            if a.cgroup.locked().is_some() {
+                let _ = agent::register(&mut daemon.kernel.locked(), a.id, entry);
+            }
+        }
+        // sys_enter kills any task of a killed agent that makes a system call.
+        budget_hook(daemon);
+    }
+    let mut outcomes: Vec<Outcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = targets
+            .iter()
+            .zip(counts)
+            .map(|(a, processes)| {
+                s.spawn(move || {
+                    if action == K::Freeze {
+                        a.held.store(true, SeqCst);
+                    }
+                    let o = crate::kill::act(&a.name, &a.cgroup_path, action, processes, start);
+                    if action == K::Thaw && o.error.is_none() {
+                        a.held.store(false, SeqCst);
+                    }
+                    if action == K::Kill {
+                        teardown(daemon, a);
+                    }
+                    o
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a kill switch thread panicked"))
+            .collect()
+    });
+    for o in &outcomes {
+        eprintln!("agentd: kill switch: {}", crate::kill::describe(o));
+    }
+    outcomes.extend(missing.into_iter().map(|agent| Outcome {
+        agent: agent.clone(),
+        action,
+        processes: 0,
+        millis: 0.0,
+        error: Some(format!("no agent named `{agent}` is running")),
+    }));
+    if action == K::Kill {
+        budget_hook(daemon);
+    }
+    outcomes
 }
 
 /// Signals a `run` client may forward to its agent.

@@ -358,6 +358,16 @@ pub async fn run(config: Config) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // `systemctl kill -s SIGUSR1 agentd`: the kill switch for every agent.
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    // Where `agentd kill --direct` finds the agents without asking the daemon.
+    let record = crate::kill::root_record(&daemon.config);
+    if let Err(e) = fs::write(&record, format!("{}\n", root_path.display())) {
+        eprintln!(
+            "agentd: writing {}: {e} (agentd kill --direct will look for the root itself)",
+            record.display()
+        );
+    }
     eprintln!(
         "agentd: ready: agent root {}, control socket {}, launch socket {}",
         root_path.display(),
@@ -380,6 +390,13 @@ pub async fn run(config: Config) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => eprintln!("agentd: SIGHUP: reloading is not supported by this version; nothing changed"),
+            _ = usr1.recv() => {
+                eprintln!("agentd: SIGUSR1: the kill switch for every agent");
+                let d = daemon.clone();
+                tokio::task::spawn_blocking(move || {
+                    agents::kill_switch(&d, &[], true, crate::kill::Action::Kill)
+                });
+            }
         }
     }
     eprintln!("agentd: stopping: killing every agent");
@@ -389,6 +406,7 @@ pub async fn run(config: Config) -> Result<()> {
     for a in all {
         agents::teardown(&daemon, &a);
     }
+    let _ = fs::remove_file(&record);
     let _ = fs::remove_file(&daemon.config.socket);
     let _ = fs::remove_file(&daemon.config.launch_socket);
     drop(control);

@@ -202,6 +202,27 @@ pub async fn serve(daemon: Arc<Daemon>, mut stream: UnixStream, socket: Socket) 
                 exit_code: 1,
             },
         },
+        (
+            Request::Kill {
+                agents,
+                all,
+                action,
+            },
+            Socket::Control,
+        ) => {
+            // At once: the client falls back to acting directly if this does not come.
+            let _ = send(&mut stream, &Reply::Accepted).await;
+            let d = daemon.clone();
+            match tokio::task::spawn_blocking(move || agents::kill_switch(&d, &agents, all, action))
+                .await
+            {
+                Ok(outcomes) => Reply::Killed { outcomes },
+                Err(e) => Reply::Error {
+                    message: format!("the kill switch failed: {e}"),
+                    exit_code: EXIT_AGENTD,
+                },
+            }
+        }
         (Request::Update(req), Socket::Control) => {
             let d = daemon.clone();
             match tokio::task::spawn_blocking(move || agents::update(&d, &req)).await {

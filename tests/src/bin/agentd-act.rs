@@ -33,6 +33,10 @@
 //!   spawn-hold N SECS        start N children that wait (stop at the first failure), hold
 //!                            them SECS seconds, then end them; report how many started
 //!                            and the errno that stopped it
+//!   fork-bomb N              N times: fork a child that calls setsid and forks a
+//!                            grandchild (every other child then exits: a double fork);
+//!                            all wait. Report how many were created, then keep forking
+//!                            short-lived children until killed
 //!   env                      the environment
 //!   fds                      open file descriptors
 //!   sleep SECS               sleep
@@ -746,6 +750,39 @@ fn main() {
                 json!({"sent": sent})
             });
             report("upload", r);
+        }
+        ["fork-bomb", n] => {
+            let n: u32 = n.parse().unwrap_or_else(|_| usage());
+            let mut created = 0u32;
+            for i in 0..n {
+                // SAFETY: the children only make system calls.
+                match unsafe { libc::fork() } {
+                    0 => unsafe {
+                        libc::setsid();
+                        if libc::fork() == 0 || i % 2 == 1 {
+                            loop {
+                                libc::pause();
+                            }
+                        }
+                        libc::_exit(0);
+                    },
+                    -1 => break,
+                    _ => created += if i % 2 == 1 { 2 } else { 1 },
+                }
+            }
+            report("fork-bomb", Ok(json!({"created": created})));
+            loop {
+                // SAFETY: the child exits at once; reaped below.
+                match unsafe { libc::fork() } {
+                    0 => unsafe { libc::_exit(0) },
+                    -1 => std::thread::sleep(Duration::from_millis(1)),
+                    _ => {
+                        let mut status = 0;
+                        // SAFETY: reaps any exited child (the double fork's middle ones too).
+                        while unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } > 0 {}
+                    }
+                }
+            }
         }
         ["spawn-hold", n, secs] => {
             let n: u32 = n.parse().unwrap_or_else(|_| usage());

@@ -1,0 +1,282 @@
+//! The kill switch: `agentd kill` ends a fork bomb that double-forks and calls setsid,
+//! `--all` takes 20 agents, `--freeze`/`thaw` stop and resume an agent, `--direct` works
+//! with the daemon stopped or dead, SIGUSR1 to the daemon kills every agent, and an agent
+//! can neither signal the daemon nor write its own cgroup's files.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentd_tests::{TestDaemon, act_bin, wait_until};
+use serde_json::Value;
+
+fn act() -> String {
+    act_bin!().display().to_string()
+}
+
+const PLAIN: &str = "name = \"plain\"\nversion = \"1.0.0\"\n[files]\ndefault = \"allow\"\n";
+
+/// Starts `agentd run --name NAME -- ARGS...` and waits for its first line of output.
+fn start(d: &TestDaemon, name: &str, args: &[&str]) -> (Child, String) {
+    let mut child = d
+        .agentd()
+        .args(["run", "--profile", "plain", "--name", name, "--"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
+}
+
+fn kill_json(d: &TestDaemon, args: &[&str]) -> (std::process::Output, Value) {
+    let out = d
+        .agentd()
+        .arg("kill")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out, v)
+}
+
+/// Processes whose command line holds `marker`, anywhere on the host.
+fn survivors(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == marker.as_bytes()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_fork_bomb_that_double_forks_and_calls_setsid_is_fully_dead_after_kill() {
+    let d = TestDaemon::start(&[("plain", PLAIN)]);
+    // The marker is the agent's name, also its program's last argument (kept by forks).
+    let marker = format!("bomb-{}", std::process::id());
+    let (mut client, line) = start(&d, &marker, &[&act(), "fork-bomb", "1000"]);
+    let created: Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        created["detail"]["created"].as_u64().unwrap() >= 1000,
+        "{created}"
+    );
+    // Children fork their grandchildren on their own time: wait until 1,000 are there
+    // (and more, still forking).
+    let procs = d.root.join(&marker).join("cgroup.procs");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(&procs).is_ok_and(|t| t.lines().count() >= 1000)
+        }),
+        "the bomb reached 1,000 processes"
+    );
+    let start = Instant::now();
+    let (out, v) = kill_json(&d, &[&marker]);
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o = &v["outcomes"][0];
+    assert_eq!(o["agent"], marker.as_str());
+    assert!(o["error"].is_null(), "{o}");
+    assert!(o["processes"].as_u64().unwrap() >= 1000, "{o}");
+    eprintln!(
+        "kill of {} processes: {} ms in the daemon, {took:?} for `agentd kill`",
+        o["processes"], o["millis"]
+    );
+    assert!(!d.root.join(&marker).exists(), "the agent's cgroup is gone");
+    assert!(
+        wait_until(Duration::from_secs(5), || survivors(&marker).is_empty()),
+        "no survivors in /proc: {:?}",
+        survivors(&marker)
+    );
+    let status = client.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGKILL),
+        "the run client reports the kill"
+    );
+    assert!(d.log().contains("kill switch: killed"), "{}", d.log());
+}
+
+#[test]
+fn kill_all_takes_all_of_20_agents() {
+    let d = TestDaemon::start(&[("plain", PLAIN)]);
+    let act = act();
+    let clients: Vec<Child> = (0..20)
+        .map(|i| start(&d, &format!("a{i}"), &[&act, "spawn-hold", "2", "60"]).0)
+        .collect();
+    assert_eq!(d.agent_cgroups().len(), 20);
+    let (out, v) = kill_json(&d, &["--all"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcomes = v["outcomes"].as_array().unwrap();
+    assert_eq!(outcomes.len(), 20, "{v}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o["error"].is_null() && o["processes"] == 3),
+        "{v}"
+    );
+    assert!(d.agent_cgroups().is_empty(), "{:?}", d.agent_cgroups());
+    for mut c in clients {
+        assert_eq!(c.wait().unwrap().code(), Some(128 + libc::SIGKILL));
+    }
+}
+
+#[test]
+fn freeze_holds_an_agent_until_thaw() {
+    let d = TestDaemon::start(&[("plain", PLAIN)]);
+    let (mut client, _) = start(&d, "ice", &[&act(), "spawn-hold", "1", "60"]);
+    let events = d.root.join("ice/cgroup.events");
+    let frozen = || {
+        std::fs::read_to_string(&events)
+            .unwrap()
+            .contains("frozen 1")
+    };
+    let (out, v) = kill_json(&d, &["--freeze", "ice"]);
+    assert!(
+        out.status.success() && v["outcomes"][0]["action"] == "freeze",
+        "{v}"
+    );
+    assert!(frozen(), "frozen, and it is still there");
+    let out = d.agentd().args(["thaw", "ice"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("thawed ice: 2 processes"));
+    assert!(!frozen());
+    let (_, v) = kill_json(&d, &["ice"]);
+    assert_eq!(v["outcomes"][0]["action"], "kill", "{v}");
+    let _ = client.wait();
+    // An unknown agent is an error that names it.
+    let (out, v) = kill_json(&d, &["nobody-here"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        v["outcomes"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("nobody-here"),
+        "{v}"
+    );
+}
+
+#[test]
+fn the_direct_path_works_with_the_daemon_stopped_and_with_it_killed() {
+    let d = TestDaemon::start(&[("plain", PLAIN)]);
+    let pid = d.pid() as i32;
+    let (mut first, _) = start(&d, "first", &[&act(), "spawn-hold", "3", "60"]);
+    // Stopped: the daemon takes no request; after its timeout the CLI acts itself.
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let start_t = Instant::now();
+    let (out, v) = kill_json(&d, &["first"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("acting on the agent cgroups directly"),
+        "{stderr}"
+    );
+    assert_eq!(v["outcomes"][0]["processes"], 4, "{v}");
+    assert!(!d.root.join("first").exists());
+    eprintln!(
+        "direct kill with the daemon stopped: {:?} (timeout included)",
+        start_t.elapsed()
+    );
+    assert_eq!(first.wait().unwrap().code(), Some(128 + libc::SIGKILL));
+    // The daemon, resumed, forgets the agent and goes on.
+    assert!(wait_until(Duration::from_secs(5), || {
+        let out = d.agentd().args(["ps", "--json"]).output().unwrap();
+        !String::from_utf8_lossy(&out.stdout).contains("\"first\"")
+    }));
+    // Killed: --direct needs nothing from it.
+    let (_second, _) = start(&d, "second", &[&act(), "spawn-hold", "2", "60"]);
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(5), || d.exited()));
+    let (out, v) = kill_json(&d, &["--all", "--direct"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(v["outcomes"][0]["agent"], "second", "{v}");
+    assert_eq!(v["outcomes"][0]["processes"], 3, "{v}");
+    assert!(d.agent_cgroups().is_empty());
+}
+
+#[test]
+fn sigusr1_to_the_daemon_kills_every_agent() {
+    let d = TestDaemon::start(&[("plain", PLAIN)]);
+    let act = act();
+    let clients: Vec<Child> = (0..3)
+        .map(|i| start(&d, &format!("u{i}"), &[&act, "spawn-hold", "1", "60"]).0)
+        .collect();
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGUSR1) };
+    assert!(wait_until(Duration::from_secs(10), || d
+        .agent_cgroups()
+        .is_empty()));
+    for mut c in clients {
+        assert_eq!(c.wait().unwrap().code(), Some(128 + libc::SIGKILL));
+    }
+    assert!(!d.exited(), "the daemon goes on");
+    assert!(d.log().contains("SIGUSR1"), "{}", d.log());
+}
+
+#[test]
+fn an_agent_cannot_signal_the_daemon_or_write_its_own_cgroup() {
+    let d = TestDaemon::start(&[("plain", PLAIN)]);
+    let cg = d.root.join("hostile");
+    let script = format!(
+        "kill -9 {pid}; echo \"kill rc=$?\"; kill -STOP {pid}; echo \"stop rc=$?\"; \
+         echo 1 > {cg}/cgroup.kill; echo \"cgroup.kill rc=$?\"; \
+         echo $$ > {root}/cgroup.procs; echo \"move rc=$?\"; \
+         echo 1 > {cg}/cgroup.freeze; echo \"freeze rc=$?\"",
+        pid = d.pid(),
+        cg = cg.display(),
+        root = d.root.display()
+    );
+    // As root (the strongest agent there is), on this host without BPF LSM.
+    let out = d.run(&[
+        "--profile",
+        "plain",
+        "--name",
+        "hostile",
+        "--user",
+        "root",
+        "--degraded-ok",
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for what in ["kill", "stop", "cgroup.kill", "move", "freeze"] {
+        assert!(
+            text.contains(&format!("{what} rc=1")) || text.contains(&format!("{what} rc=2")),
+            "{what} must fail:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(!d.exited(), "the daemon is alive");
+    let out = d.agentd().args(["ps"]).output().unwrap();
+    assert!(out.status.success(), "and answers");
+}

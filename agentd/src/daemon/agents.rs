@@ -1188,8 +1188,6 @@ pub fn kill_switch(
                 let _ = agent::register(&mut daemon.kernel.locked(), a.id, entry);
             }
         }
-        // sys_enter kills any task of a killed agent that makes a system call.
-        budget_hook(daemon);
     }
     let mut outcomes: Vec<Outcome> = std::thread::scope(|s| {
         let handles: Vec<_> = targets
@@ -1211,6 +1209,11 @@ pub fn kill_switch(
                 })
             })
             .collect();
+        if action == K::Kill {
+            // While cgroup.kill is written: sys_enter kills any task of a killed agent
+            // that makes a system call.
+            budget_hook(daemon);
+        }
         handles
             .into_iter()
             .map(|h| h.join().expect("a kill switch thread panicked"))

@@ -554,8 +554,12 @@ pub fn clear(ebpf: &mut Ebpf, agent: u64) -> Result<()> {
 pub const LSM_PROGRAMS: &[&str] = &["task_alloc"];
 
 /// Loads and attaches `task_alloc` (BPF LSM): `processes` budgets with `deny`.
-pub fn attach_lsm(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Vec<crate::ebpf::LoadedProgram>> {
-    crate::ebpf::attach_lsm(ebpf, btf, LSM_PROGRAMS)
+pub fn attach_lsm(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    pins: Option<&crate::ebpf::Pins>,
+) -> Result<Vec<crate::ebpf::LoadedProgram>> {
+    crate::ebpf::attach_lsm(ebpf, btf, LSM_PROGRAMS, pins)
 }
 
 /// Loads the `sys_enter` budget program (not attached).

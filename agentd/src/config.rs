@@ -8,6 +8,8 @@
 //! launch_socket = "/run/agentd/launch.sock"   # launches from inside agents (narrowing only)
 //! admin_group = "agentd"                      # group allowed on the control socket
 //! cgroup_root = "auto"                        # where agent cgroups go; "auto": see below
+//! bpffs = "/sys/fs/bpf/agentd"                # pinned links: agents stay contained if the
+//!                                             # daemon dies
 //!
 //! [agents]
 //! profiles_dir = "/etc/agentd/profiles"
@@ -54,6 +56,8 @@ pub struct Config {
     pub path: Option<PathBuf>,
     pub socket: PathBuf,
     pub launch_socket: PathBuf,
+    /// Where the programs' links are pinned (bpffs).
+    pub bpffs: PathBuf,
     pub admin_group: String,
     /// `None` for "auto".
     pub cgroup_root: Option<PathBuf>,
@@ -82,6 +86,7 @@ impl Default for Config {
             path: None,
             socket: "/run/agentd/agentd.sock".into(),
             launch_socket: "/run/agentd/launch.sock".into(),
+            bpffs: "/sys/fs/bpf/agentd".into(),
             admin_group: "agentd".into(),
             cgroup_root: None,
             profiles_dir: "/etc/agentd/profiles".into(),
@@ -140,6 +145,7 @@ struct RawDns {
 struct RawDaemon {
     socket: Option<Spanned<String>>,
     launch_socket: Option<Spanned<String>>,
+    bpffs: Option<Spanned<String>>,
     admin_group: Option<Spanned<String>>,
     cgroup_root: Option<Spanned<String>>,
 }
@@ -178,6 +184,7 @@ impl Config {
             Ok(())
         };
         abs(&raw.daemon.socket, "daemon.socket", &mut c.socket)?;
+        abs(&raw.daemon.bpffs, "daemon.bpffs", &mut c.bpffs)?;
         abs(
             &raw.daemon.launch_socket,
             "daemon.launch_socket",

@@ -77,11 +77,13 @@ pub struct LoadedProgram {
     pub took: std::time::Duration,
 }
 
-/// Loads and attaches BPF LSM programs named after their hooks.
+/// Loads and attaches BPF LSM programs named after their hooks, and pins their links (the
+/// daemon; kernel-only tests pass `None`: the links end with the `Ebpf`).
 pub fn attach_lsm(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
     hooks: &[&'static str],
+    pins: Option<&Pins>,
 ) -> Result<Vec<LoadedProgram>> {
     let mut out = Vec::new();
     for hook in hooks {
@@ -92,8 +94,12 @@ pub fn attach_lsm(
         let start = std::time::Instant::now();
         prog.load(hook, btf)
             .with_context(|| format!("loading the {hook} BPF LSM program"))?;
-        prog.attach()
+        let link = prog
+            .attach()
             .with_context(|| format!("attaching the {hook} BPF LSM program"))?;
+        if let Some(pins) = pins {
+            pins.pin(hook, prog.take_link(link)?.into())?;
+        }
         let verified_insns = prog
             .info()
             .ok()
@@ -128,6 +134,87 @@ pub fn describe_loaded(programs: &[LoadedProgram]) -> String {
         ));
     }
     line
+}
+
+/// Links pinned under bpffs: the network and BPF LSM programs stay attached when the daemon
+/// dies, so its agents stay contained by the same policy (fail closed). A clean stop removes
+/// them (after killing every agent). The raw tracepoint programs (budgets, the Landlock
+/// path's reporter) are not pinned: they end with the daemon.
+pub struct Pins {
+    dir: std::path::PathBuf,
+}
+
+/// `f_type` of a bpffs mount.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &std::path::Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs into a zeroed struct, with a valid path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+impl Pins {
+    /// Readies `dir` (on bpffs; /sys/fs/bpf is mounted if it is not, as systemd does at
+    /// boot) and removes the pins a daemon that died left there. Called once the agent root
+    /// is known to hold no agents: nothing is then contained by those pins.
+    pub fn open(dir: &std::path::Path) -> Result<Pins> {
+        let parent = dir
+            .parent()
+            .with_context(|| format!("daemon.bpffs {}: no parent directory", dir.display()))?;
+        if !is_bpffs(parent) {
+            let standard = std::path::Path::new("/sys/fs/bpf");
+            if parent == standard && standard.is_dir() {
+                nix::mount::mount(
+                    Some("bpf"),
+                    standard,
+                    Some("bpf"),
+                    nix::mount::MsFlags::empty(),
+                    None::<&str>,
+                )
+                .context("mounting bpffs at /sys/fs/bpf")?;
+                eprintln!("agentd: mounted bpffs at /sys/fs/bpf");
+            } else {
+                bail!(
+                    "daemon.bpffs {}: {} is not a bpffs mount",
+                    dir.display(),
+                    parent.display()
+                );
+            }
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("removing stale pins in {}", dir.display()))?;
+        }
+        std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Pins {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Pins `link` as `name`: it stays attached until the pin is removed.
+    pub fn pin(&self, name: &str, link: aya::programs::links::FdLink) -> Result<()> {
+        let path = self.dir.join(name);
+        link.pin(&path)
+            .with_context(|| format!("pinning the {name} link at {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// A clean stop (every agent killed first) or a failed start (no agent yet) removes the
+/// pins; their links detach once nothing else holds them. A panic leaves them: the agents
+/// stay contained, as they do when the daemon is killed.
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("agentd: removing the pins in {}: {e}", self.dir.display());
+        }
+    }
 }
 
 /// The raw tracepoint program named after its tracepoint (`sys_enter`, `sys_exit`).

@@ -12,6 +12,10 @@ use aya::{Btf, Ebpf};
 pub const LSM_PROGRAMS: &[&str] = &["ptrace_access_check", "task_kill"];
 
 /// Loads and attaches the programs; returns what was loaded.
-pub fn attach(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<crate::ebpf::LoadedProgram>> {
-    crate::ebpf::attach_lsm(ebpf, btf, LSM_PROGRAMS)
+pub fn attach(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    pins: Option<&crate::ebpf::Pins>,
+) -> Result<Vec<crate::ebpf::LoadedProgram>> {
+    crate::ebpf::attach_lsm(ebpf, btf, LSM_PROGRAMS, pins)
 }

@@ -22,7 +22,7 @@ fn config(dir: &TempDir, tmp_dir: &std::path::Path) -> std::path::PathBuf {
     dir.write(
         "agentd.toml",
         &format!(
-            "[daemon]\nsocket = \"{0}/s.sock\"\nlaunch_socket = \"{0}/l.sock\"\ncgroup_root = \"/sys/fs/cgroup/{cgroup}\"\n\
+            "[daemon]\nsocket = \"{0}/s.sock\"\nlaunch_socket = \"{0}/l.sock\"\ncgroup_root = \"/sys/fs/cgroup/{cgroup}\"\nbpffs = \"/sys/fs/bpf/{cgroup}\"\n\
              [agents]\nprofiles_dir = \"{0}\"\ntmp_dir = \"{1}\"\n",
             dir.path().display(),
             tmp_dir.display()

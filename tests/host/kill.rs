@@ -280,3 +280,90 @@ fn an_agent_cannot_signal_the_daemon_or_write_its_own_cgroup() {
     let out = d.agentd().args(["ps"]).output().unwrap();
     assert!(out.status.success(), "and answers");
 }
+
+/// Fails closed: with the daemon killed (SIGKILL), its pinned links keep the agent's egress
+/// allowlist in force, and Landlock its file rules; `--direct` then ends the agent.
+#[test]
+fn a_running_agent_stays_contained_after_the_daemon_is_killed() {
+    use std::io::Write as _;
+    let allowed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let denied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    denied.set_nonblocking(true).unwrap();
+    let files = agentd_tests::TempDir::new("failclosed");
+    let secret = files.write("secret", "s3cret");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let profile = format!(
+        "name = \"plain\"\nversion = \"1.0.0\"\n[network]\nallow = [\"127.0.0.1/32:{}\"]\n\
+         [files]\ndefault = \"allow\"\ndeny = [\"{}\"]\n",
+        allowed.local_addr().unwrap().port(),
+        secret.display()
+    );
+    let d = TestDaemon::start(&[("plain", &profile)]);
+    let mut agent = d
+        .agentd()
+        .args([
+            "run",
+            "--profile",
+            "plain",
+            "--name",
+            "probe",
+            "--",
+            &act(),
+            "probe",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = agent.stdin.take().unwrap();
+    let mut lines = BufReader::new(agent.stdout.take().unwrap()).lines();
+    let mut next =
+        move || -> Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
+    assert_eq!(next()["detail"], "ready");
+    let mut ask = |line: String| -> Value {
+        writeln!(input, "{line}").unwrap();
+        input.flush().unwrap();
+        next()
+    };
+    let (allowed_addr, denied_addr) = (allowed.local_addr().unwrap(), denied.local_addr().unwrap());
+    let probe = |ask: &mut dyn FnMut(String) -> Value, when: &str| {
+        let v = ask(format!("connect {allowed_addr}"));
+        assert_eq!(v["ok"], true, "{when}: the allowed connect: {v}");
+        let v = ask(format!("connect {denied_addr}"));
+        assert_eq!(
+            (&v["ok"], &v["errno"]),
+            (&Value::Bool(false), &Value::from(libc::EPERM)),
+            "{when}: {v}"
+        );
+        let v = ask(format!("open {}", secret.display()));
+        assert_eq!(
+            (&v["ok"], &v["errno"]),
+            (&Value::Bool(false), &Value::from(libc::EACCES)),
+            "{when}: {v}"
+        );
+    };
+    probe(&mut ask, "with the daemon");
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(5), || d.exited()));
+    // Links whose last holder is gone are released a moment later: look again after it.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        probe(&mut ask, "after the daemon was killed");
+    }
+    assert!(
+        matches!(denied.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the denied listener received nothing"
+    );
+    let (out, v) = kill_json(&d, &["--all", "--direct"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(v["outcomes"][0]["agent"], "probe", "{v}");
+    let _ = agent.wait();
+}

@@ -76,7 +76,8 @@ fn connect4_denies_the_agent_spares_others_and_is_gone_after() {
     let list = Allowlist::compile(&[rule]).unwrap();
     network::apply(&mut kernel, POLICY, &list).expect("apply allowlist");
     let mut reader = EventReader::take(&mut kernel).expect("events");
-    let programs = network::attach(&mut kernel, &root.open()).expect("attach the egress programs");
+    let programs =
+        network::attach(&mut kernel, &root.open(), None).expect("attach the egress programs");
     assert_eq!(programs.len(), 10, "{programs:?}");
     assert!(programs.iter().all(|(_, id)| ebpf::program_loaded(*id)));
 
@@ -171,7 +172,7 @@ fn an_agent_in_audit_mode_is_reported_but_not_denied() {
     };
     agent::register(&mut kernel, agent_cg.id(), entry).unwrap();
     let mut reader = EventReader::take(&mut kernel).unwrap();
-    network::attach(&mut kernel, &root.open()).unwrap();
+    network::attach(&mut kernel, &root.open(), None).unwrap();
 
     act_in(
         &act,

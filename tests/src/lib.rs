@@ -253,6 +253,8 @@ pub struct TestDaemon {
     pub root: PathBuf,
     pub socket: PathBuf,
     pub launch_socket: PathBuf,
+    /// Where its links are pinned (removed by the daemon on a clean stop, else by drop).
+    pub bpffs: PathBuf,
 }
 
 /// How a [`TestDaemon`] is set up.
@@ -301,18 +303,23 @@ impl TestDaemon {
         }
         let socket = dir.path().join("agentd.sock");
         let launch_socket = dir.path().join("launch.sock");
+        let bpffs = PathBuf::from(format!(
+            "/sys/fs/bpf/agentd-test-{}-daemon-{n}",
+            std::process::id()
+        ));
         let config = dir.path().join("agentd.toml");
         // A resolver port of its own, so that test daemons never share one.
         let dns_port = 20000 + (std::process::id() * 7 + n) % 40000;
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nsocket = \"{}\"\nlaunch_socket = \"{}\"\nadmin_group = \"root\"\ncgroup_root = \"{}\"\n\
+                "[daemon]\nsocket = \"{}\"\nlaunch_socket = \"{}\"\nadmin_group = \"root\"\ncgroup_root = \"{}\"\nbpffs = \"{}\"\n\
                  [agents]\nprofiles_dir = \"{}\"\ndefault_profile = \"default\"\nuser = \"nobody\"\ntmp_dir = \"{}\"\n{}\n\
                  [dns]\nport = {dns_port}\n{}",
                 socket.display(),
                 launch_socket.display(),
                 root.display(),
+                bpffs.display(),
                 profiles_dir.display(),
                 dir.path().join("tmp").display(),
                 setup.agents_config,
@@ -365,6 +372,7 @@ impl TestDaemon {
             root,
             socket,
             launch_socket,
+            bpffs,
         };
         let ready = wait_until(Duration::from_secs(20), || {
             std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
@@ -462,6 +470,10 @@ impl Drop for TestDaemon {
             && let Ok(dir) = CgroupDir::adopt(&self.root)
         {
             let _ = dir.remove();
+        }
+        // Left by a daemon that was killed: its links detach with the pins.
+        if self.bpffs.exists() {
+            let _ = std::fs::remove_dir_all(&self.bpffs);
         }
     }
 }

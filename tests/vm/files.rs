@@ -62,7 +62,7 @@ fn file_open_denies_the_agent_by_every_path_and_spares_others() {
     .unwrap();
     let mut reader = EventReader::take(&mut kernel).unwrap();
     let btf = aya::Btf::from_sys_fs().unwrap();
-    let prog_id = files::attach(&mut kernel, &btf).expect("attach file_open");
+    let prog_id = files::attach(&mut kernel, &btf, None).expect("attach file_open");
 
     let s = secret.to_str().unwrap();
     act_in(&act, Some(&agent_cg), &["open", s, "read"]).assert_errno(libc::EACCES);
@@ -133,7 +133,7 @@ fn an_unregistered_cgroup_below_the_root_opens_nothing() {
     let act = act_bin!();
     let mut kernel = ebpf::load(&root.load_config()).unwrap();
     let btf = aya::Btf::from_sys_fs().unwrap();
-    files::attach(&mut kernel, &btf).unwrap();
+    files::attach(&mut kernel, &btf, None).unwrap();
     // Even exec of the helper is refused: the kernel opens the binary for the task, which
     // is already in the unregistered cgroup.
     let err = try_act_in(&act, Some(&stray), &["open", f.to_str().unwrap(), "read"])
@@ -261,7 +261,7 @@ fn file_open_cost_does_not_grow_with_the_rule_count() {
         .unwrap();
     }
     let btf = aya::Btf::from_sys_fs().unwrap();
-    let loaded = files::attach(&mut kernel, &btf).unwrap();
+    let loaded = files::attach(&mut kernel, &btf, None).unwrap();
     let prog_id = loaded.iter().find(|p| p.hook == "file_open").unwrap().id;
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let t = target.to_str().unwrap();

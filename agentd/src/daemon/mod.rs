@@ -118,8 +118,9 @@ fn prepare_root(path: &Path) -> Result<CgroupDir> {
         if !leftovers.is_empty() {
             let _ = dir.release();
             bail!(
-                "the agent root {} still holds agents from an earlier run ({}); remove them (they are killed by \
-                 `echo 1 > {}/cgroup.kill`) before starting the daemon",
+                "the agent root {} still holds agents from an earlier run ({}), still contained by its pinned \
+                 programs; this version cannot adopt them: end them with `agentd kill --all --direct` (or \
+                 `echo 1 > {}/cgroup.kill` and remove their directories) before starting the daemon",
                 path.display(),
                 leftovers.join(", "),
                 path.display()
@@ -255,9 +256,12 @@ pub async fn run(config: Config) -> Result<()> {
         .unwrap_or_default();
     let mut kernel = ebpf::load(&LoadConfig { root, offsets })?;
     let root_file = fs::File::open(&root_path)?;
-    crate::network::attach(&mut kernel, &root_file).context("attaching the egress programs")?;
+    // The agent root holds no agents (prepare_root): stale pins contain nothing.
+    let pins = crate::ebpf::Pins::open(&config.bpffs)?;
+    crate::network::attach(&mut kernel, &root_file, Some(&pins))
+        .context("attaching the egress programs")?;
     let reader = EventReader::take(&mut kernel)?;
-    let file_enforcers = file_enforcers(&mut kernel, &config);
+    let file_enforcers = file_enforcers(&mut kernel, &config, &pins);
     let budgets_unusable = crate::budgets::load(&mut kernel)
         .err()
         .map(|e| format!("{e:#}"));
@@ -510,7 +514,11 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
 
 /// Attaches the BPF LSM file programs if the kernel allows it; otherwise readies the
 /// Landlock path's denial reporter. Landlock is used wherever the kernel has it.
-fn file_enforcers(kernel: &mut Ebpf, config: &Config) -> crate::files::Enforcers {
+fn file_enforcers(
+    kernel: &mut Ebpf,
+    config: &Config,
+    pins: &crate::ebpf::Pins,
+) -> crate::files::Enforcers {
     let landlock = crate::doctor::landlock_abi()
         .ok()
         .map(|abi| abi as u32)
@@ -521,9 +529,9 @@ fn file_enforcers(kernel: &mut Ebpf, config: &Config) -> crate::files::Enforcers
         Err("off in files.enforcers".into())
     };
     let lsm = match btf {
-        Ok(btf) => match crate::files::attach(kernel, &btf).and_then(|mut f| {
-            f.extend(crate::process::attach(kernel, &btf)?);
-            f.extend(crate::budgets::attach_lsm(kernel, &btf)?);
+        Ok(btf) => match crate::files::attach(kernel, &btf, Some(pins)).and_then(|mut f| {
+            f.extend(crate::process::attach(kernel, &btf, Some(pins))?);
+            f.extend(crate::budgets::attach_lsm(kernel, &btf, Some(pins))?);
             Ok(f)
         }) {
             Ok(loaded) => {

@@ -145,8 +145,12 @@ pub const LSM_PROGRAMS: &[&str] = &[
 ];
 
 /// Loads every file program and attaches it (BPF LSM); returns what was loaded.
-pub fn attach(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<crate::ebpf::LoadedProgram>> {
-    crate::ebpf::attach_lsm(ebpf, btf, LSM_PROGRAMS)
+pub fn attach(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    pins: Option<&crate::ebpf::Pins>,
+) -> Result<Vec<crate::ebpf::LoadedProgram>> {
+    crate::ebpf::attach_lsm(ebpf, btf, LSM_PROGRAMS, pins)
 }
 
 /// Loads the Landlock path's denial reporter (`sys_exit`), without attaching it.

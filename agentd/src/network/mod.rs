@@ -223,7 +223,13 @@ pub const SOCK_ADDR_PROGRAMS: &[&str] = &[
 
 /// Loads every egress program and attaches it to the agent root cgroup; returns the
 /// programs' kernel ids by name.
-pub fn attach(ebpf: &mut Ebpf, agent_root: &File) -> Result<Vec<(&'static str, u32)>> {
+/// Loads the egress programs, attaches them to the agent root, and pins their links (the
+/// daemon; kernel-only tests pass `None`).
+pub fn attach(
+    ebpf: &mut Ebpf,
+    agent_root: &File,
+    pins: Option<&crate::ebpf::Pins>,
+) -> Result<Vec<(&'static str, u32)>> {
     let mut ids = Vec::new();
     for name in SOCK_ADDR_PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
@@ -232,8 +238,12 @@ pub fn attach(ebpf: &mut Ebpf, agent_root: &File) -> Result<Vec<(&'static str, u
             .try_into()?;
         prog.load()
             .with_context(|| format!("loading {name} (cgroup sock_addr)"))?;
-        prog.attach(agent_root, CgroupAttachMode::Single)
+        let link = prog
+            .attach(agent_root, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name} to the agent root"))?;
+        if let Some(pins) = pins {
+            pins.pin(name, prog.take_link(link)?.try_into()?)?;
+        }
         ids.push((*name, crate::ebpf::program_id(ebpf, name)?));
     }
     let prog: &mut CgroupSock = ebpf
@@ -241,20 +251,28 @@ pub fn attach(ebpf: &mut Ebpf, agent_root: &File) -> Result<Vec<(&'static str, u
         .context("the object has no sock_create program")?
         .try_into()?;
     prog.load().context("loading sock_create (cgroup sock)")?;
-    prog.attach(agent_root, CgroupAttachMode::Single)
+    let link = prog
+        .attach(agent_root, CgroupAttachMode::Single)
         .context("attaching sock_create to the agent root")?;
+    if let Some(pins) = pins {
+        pins.pin("sock_create", prog.take_link(link)?.try_into()?)?;
+    }
     ids.push(("sock_create", crate::ebpf::program_id(ebpf, "sock_create")?));
     let prog: &mut CgroupSkb = ebpf
         .program_mut("skb_egress")
         .context("the object has no skb_egress program")?
         .try_into()?;
     prog.load().context("loading skb_egress (cgroup skb)")?;
-    prog.attach(
-        agent_root,
-        CgroupSkbAttachType::Egress,
-        CgroupAttachMode::Single,
-    )
-    .context("attaching skb_egress to the agent root")?;
+    let link = prog
+        .attach(
+            agent_root,
+            CgroupSkbAttachType::Egress,
+            CgroupAttachMode::Single,
+        )
+        .context("attaching skb_egress to the agent root")?;
+    if let Some(pins) = pins {
+        pins.pin("skb_egress", prog.take_link(link)?.try_into()?)?;
+    }
     ids.push(("skb_egress", crate::ebpf::program_id(ebpf, "skb_egress")?));
     Ok(ids)
 }

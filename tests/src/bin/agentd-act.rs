@@ -37,6 +37,8 @@
 //!                            grandchild (every other child then exits: a double fork);
 //!                            all wait. Report how many were created, then keep forking
 //!                            short-lived children until killed
+//!   probe                    for every line on stdin, `connect ADDR:PORT` or `open PATH`
+//!                            (read): try it and report (until end of input)
 //!   env                      the environment
 //!   fds                      open file descriptors
 //!   sleep SECS               sleep
@@ -750,6 +752,29 @@ fn main() {
                 json!({"sent": sent})
             });
             report("upload", r);
+        }
+        ["probe"] => {
+            report("probe", Ok(json!("ready")));
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+                    ["connect", addr] => {
+                        let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+                        let r = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(
+                            |mut s| {
+                                s.write_all(b"agentd-act")?;
+                                Ok(json!(format!("connected to {addr}")))
+                            },
+                        );
+                        report("connect", r);
+                    }
+                    ["open", path] => report(
+                        "open",
+                        std::fs::File::open(path).map(|_| json!(format!("opened {path}"))),
+                    ),
+                    _ => usage(),
+                }
+            }
         }
         ["fork-bomb", n] => {
             let n: u32 = n.parse().unwrap_or_else(|_| usage());

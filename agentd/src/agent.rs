@@ -37,3 +37,11 @@ pub fn entry(ebpf: &mut Ebpf, id: u64) -> Result<Option<AgentEntry>> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// Every registered agent and its entry.
+pub fn all(ebpf: &mut Ebpf) -> Result<Vec<(u64, AgentEntry)>> {
+    agents(ebpf)?
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading AGENTS")
+}

@@ -8,8 +8,11 @@
 //! launch_socket = "/run/agentd/launch.sock"   # launches from inside agents (narrowing only)
 //! admin_group = "agentd"                      # group allowed on the control socket
 //! cgroup_root = "auto"                        # where agent cgroups go; "auto": see below
-//! bpffs = "/sys/fs/bpf/agentd"                # pinned links: agents stay contained if the
-//!                                             # daemon dies
+//! bpffs = "/sys/fs/bpf/agentd"                # pinned maps and links: agents stay contained
+//!                                             # if the daemon dies; the next one adopts them
+//! on_stop = "kill"                            # a stop (SIGTERM, systemctl stop) kills every
+//!                                             # agent; "keep": they run on, contained by the
+//!                                             # pins, and the next daemon adopts them
 //!
 //! [agents]
 //! profiles_dir = "/etc/agentd/profiles"
@@ -56,8 +59,10 @@ pub struct Config {
     pub path: Option<PathBuf>,
     pub socket: PathBuf,
     pub launch_socket: PathBuf,
-    /// Where the programs' links are pinned (bpffs).
+    /// Where the programs' maps and links are pinned (bpffs).
     pub bpffs: PathBuf,
+    /// What a stop does to the agents.
+    pub on_stop: OnStop,
     pub admin_group: String,
     /// `None` for "auto".
     pub cgroup_root: Option<PathBuf>,
@@ -80,6 +85,17 @@ pub struct Config {
     pub host_budgets: std::collections::BTreeMap<String, crate::budgets::Budget>,
 }
 
+/// What a daemon stop (SIGTERM, SIGINT) does to the running agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStop {
+    /// Kill every agent, then remove the agent root and the pins.
+    Kill,
+    /// Leave the agents running, contained by the pinned programs and maps, for the next
+    /// daemon to adopt (an upgrade or a restart without stopping the agents).
+    Keep,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -87,6 +103,7 @@ impl Default for Config {
             socket: "/run/agentd/agentd.sock".into(),
             launch_socket: "/run/agentd/launch.sock".into(),
             bpffs: "/sys/fs/bpf/agentd".into(),
+            on_stop: OnStop::Kill,
             admin_group: "agentd".into(),
             cgroup_root: None,
             profiles_dir: "/etc/agentd/profiles".into(),
@@ -146,6 +163,7 @@ struct RawDaemon {
     socket: Option<Spanned<String>>,
     launch_socket: Option<Spanned<String>>,
     bpffs: Option<Spanned<String>>,
+    on_stop: Option<Spanned<String>>,
     admin_group: Option<Spanned<String>>,
     cgroup_root: Option<Spanned<String>>,
 }
@@ -204,6 +222,18 @@ impl Config {
                 .map(|s| s.span())
                 .unwrap_or(0..0);
             return Err(loc.at(span, "daemon.launch_socket: must differ from daemon.socket"));
+        }
+        if let Some(v) = &raw.daemon.on_stop {
+            c.on_stop = match v.get_ref().as_str() {
+                "kill" => OnStop::Kill,
+                "keep" => OnStop::Keep,
+                other => {
+                    return Err(loc.at(
+                        v.span(),
+                        format!("daemon.on_stop: `{other}` is not \"kill\" or \"keep\""),
+                    ));
+                }
+            };
         }
         if let Some(v) = &raw.daemon.cgroup_root
             && v.get_ref() != "auto"

@@ -99,7 +99,7 @@ impl Step {
 }
 
 /// The account an agent runs as.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     pub user: String,
     pub uid: u32,

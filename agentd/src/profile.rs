@@ -223,7 +223,7 @@ impl fmt::Display for HostRule {
 pub struct PathTemplate(pub String);
 
 /// Values of the path placeholders for one agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placeholders {
     pub workdir: PathBuf,
     pub home: PathBuf,

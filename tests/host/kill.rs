@@ -241,20 +241,32 @@ fn sigusr1_to_the_daemon_kills_every_agent() {
     assert!(d.log().contains("SIGUSR1"), "{}", d.log());
 }
 
+/// An agent (root, the strongest there is, on this host without BPF LSM) cannot kill,
+/// stop or ptrace the daemon, write its own cgroup's files, or remove or rename agentd's
+/// pins and records.
 #[test]
-fn an_agent_cannot_signal_the_daemon_or_write_its_own_cgroup() {
+fn an_agent_cannot_signal_or_trace_the_daemon_or_undo_its_containment() {
     let d = TestDaemon::start(&[("plain", PLAIN)]);
     let cg = d.root.join("hostile");
+    let links = d.bpffs.join("links");
     let script = format!(
         "kill -9 {pid}; echo \"kill rc=$?\"; kill -STOP {pid}; echo \"stop rc=$?\"; \
+         {act} ptrace {pid}; \
          echo 1 > {cg}/cgroup.kill; echo \"cgroup.kill rc=$?\"; \
          echo $$ > {root}/cgroup.procs; echo \"move rc=$?\"; \
-         echo 1 > {cg}/cgroup.freeze; echo \"freeze rc=$?\"",
+         echo 1 > {cg}/cgroup.freeze; echo \"freeze rc=$?\"; \
+         rm {links}/connect4; echo \"unpin rc=$?\"; \
+         mv {links}/skb_egress {links}/gone; echo \"rename pin rc=$?\"; \
+         rm {bpffs}/maps/AGENTS; echo \"unpin map rc=$?\"; \
+         rm {records}/hostile.json; echo \"record rc=$?\"",
         pid = d.pid(),
+        act = act(),
         cg = cg.display(),
-        root = d.root.display()
+        root = d.root.display(),
+        links = links.display(),
+        bpffs = d.bpffs.display(),
+        records = d.dir.path().join("agents").display(),
     );
-    // As root (the strongest agent there is), on this host without BPF LSM.
     let out = d.run(&[
         "--profile",
         "plain",
@@ -269,22 +281,52 @@ fn an_agent_cannot_signal_the_daemon_or_write_its_own_cgroup() {
         &script,
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
-    for what in ["kill", "stop", "cgroup.kill", "move", "freeze"] {
+    for what in [
+        "kill",
+        "stop",
+        "cgroup.kill",
+        "move",
+        "freeze",
+        "unpin",
+        "rename pin",
+        "unpin map",
+        "record",
+    ] {
         assert!(
             text.contains(&format!("{what} rc=1")) || text.contains(&format!("{what} rc=2")),
             "{what} must fail:\n{text}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let ptrace: Value = text
+        .lines()
+        .find(|l| l.contains("\"op\":\"ptrace\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap_or_else(|| panic!("the ptrace attempt reported:\n{text}"));
+    assert_eq!(ptrace["ok"], false, "ptrace must fail: {ptrace}");
+    for pin in [
+        links.join("connect4"),
+        links.join("skb_egress"),
+        d.bpffs.join("maps/AGENTS"),
+    ] {
+        assert!(pin.exists(), "{} is still pinned", pin.display());
+    }
     assert!(!d.exited(), "the daemon is alive");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    assert!(
+        status.lines().any(|l| l == "TracerPid:\t0"),
+        "and not traced: {status}"
+    );
     let out = d.agentd().args(["ps"]).output().unwrap();
     assert!(out.status.success(), "and answers");
 }
 
 /// Fails closed: with the daemon killed (SIGKILL), its pinned links keep the agent's egress
-/// allowlist in force, and Landlock its file rules; `--direct` then ends the agent.
+/// allowlist in force, and Landlock its file rules. A restarted daemon without the agent's
+/// record refuses to start; with it, it adopts the agent (same policy, new programs in the
+/// same links), lists it and kills it.
 #[test]
-fn a_running_agent_stays_contained_after_the_daemon_is_killed() {
+fn a_running_agent_stays_contained_after_the_daemon_is_killed_and_a_new_daemon_adopts_it() {
     use std::io::Write as _;
     let allowed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let denied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -300,7 +342,7 @@ fn a_running_agent_stays_contained_after_the_daemon_is_killed() {
         allowed.local_addr().unwrap().port(),
         secret.display()
     );
-    let d = TestDaemon::start(&[("plain", &profile)]);
+    let mut d = TestDaemon::start(&[("plain", &profile)]);
     let mut agent = d
         .agentd()
         .args([
@@ -358,12 +400,106 @@ fn a_running_agent_stays_contained_after_the_daemon_is_killed() {
         matches!(denied.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "the denied listener received nothing"
     );
-    let (out, v) = kill_json(&d, &["--all", "--direct"]);
+
+    // A daemon without the agent's record refuses to start and changes nothing.
+    let record = d.dir.path().join("agents/probe.json");
+    let away = d.dir.path().join("probe.json.away");
+    std::fs::rename(&record, &away).expect("the daemon keeps a record of the agent");
+    let log = d
+        .restart()
+        .expect_err("no record: the daemon must refuse to start");
+    assert!(log.contains("no record of (probe)"), "{log}");
+    assert!(
+        d.root.join("probe").exists(),
+        "the agent's cgroup is left as it was"
+    );
+    probe(&mut ask, "after a refused start");
+
+    // With it, the restarted daemon adopts the agent: the pinned cgroup links get the new
+    // build's programs in place (same link, new program), and the policy goes on.
+    std::fs::rename(&away, &record).unwrap();
+    let links = d.bpffs.join("links");
+    let link = |name: &str| {
+        let l = aya::programs::links::FdLink::from(
+            aya::programs::links::PinnedLink::from_pin(links.join(name)).unwrap(),
+        );
+        let info = l.info().unwrap();
+        (info.id(), info.program_id())
+    };
+    let before = link("connect4");
+    d.restart().expect("the daemon adopts the agent");
+    let after = link("connect4");
+    assert_eq!(before.0, after.0, "the same link");
+    assert_ne!(before.1, after.1, "runs the new program");
+    let log = d.log();
+    assert!(log.contains("adopted agent probe"), "{log}");
+    assert!(log.contains("BPF_LINK_UPDATE"), "{log}");
+    let ps = d.agentd().args(["ps", "--json"]).output().unwrap();
+    let agents: Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let listed = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "probe")
+        .unwrap_or_else(|| panic!("ps lists the adopted agent: {agents}"));
+    assert_eq!(listed["processes"], 1, "{listed}");
+    probe(&mut ask, "after the restart");
+    assert!(
+        matches!(denied.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the denied listener received nothing"
+    );
+
+    // And kills it.
+    let (out, v) = kill_json(&d, &["probe"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(v["outcomes"][0]["agent"], "probe", "{v}");
+    let o = &v["outcomes"][0];
+    assert_eq!(
+        (&o["agent"], &o["processes"]),
+        (&Value::from("probe"), &Value::from(1)),
+        "{v}"
+    );
+    assert!(o["error"].is_null(), "{o}");
+    assert!(!d.root.join("probe").exists(), "the agent's cgroup is gone");
+    assert!(!record.exists(), "its record is gone");
     let _ = agent.wait();
+}
+
+/// `daemon.on_stop = "keep"`: a stop leaves the agents running, contained by the pins, and
+/// the next daemon (an upgrade) adopts them; with no agent left, a stop cleans up as ever.
+#[test]
+fn a_stop_with_on_stop_keep_leaves_agents_to_the_next_daemon() {
+    let mut d = TestDaemon::with(agentd_tests::DaemonSetup {
+        profiles: &[("plain", PLAIN)],
+        daemon_config: "on_stop = \"keep\"",
+        ..Default::default()
+    });
+    let (mut client, _) = start(&d, "kept", &[&act(), "sleep", "600"]);
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGTERM) };
+    assert!(wait_until(Duration::from_secs(10), || d.exited()));
+    assert!(d.log().contains("1 agents run on"), "{}", d.log());
+    let procs = std::fs::read_to_string(d.root.join("kept/cgroup.procs")).unwrap();
+    assert_eq!(procs.lines().count(), 1, "the agent runs on: {procs}");
+    assert!(d.bpffs.join("links/connect4").exists(), "its pins stay");
+    d.restart().expect("the next daemon adopts the agent");
+    assert!(d.log().contains("adopted agent kept"), "{}", d.log());
+    let (out, v) = kill_json(&d, &["kept"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(v["outcomes"][0]["processes"], 1, "{v}");
+    assert!(!d.root.join("kept").exists());
+    let _ = client.wait();
+    // No agent left: a stop removes the agent root and the pins.
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGTERM) };
+    assert!(wait_until(Duration::from_secs(10), || d.exited()));
+    assert!(!d.root.exists(), "the agent root is removed");
+    assert!(!d.bpffs.exists(), "the pins are removed");
 }

@@ -255,6 +255,46 @@ pub struct TestDaemon {
     pub launch_socket: PathBuf,
     /// Where its links are pinned (removed by the daemon on a clean stop, else by drop).
     pub bpffs: PathBuf,
+    /// The resolv.conf its private mount namespace shows, if it has one.
+    resolv: Option<PathBuf>,
+}
+
+/// Starts `agentd --config CONFIG daemon` (in a private mount namespace with `resolv` as
+/// /etc/resolv.conf, if given), its output appended to `log`.
+fn spawn_daemon(config: &Path, resolv: Option<&Path>, log: &Path) -> std::process::Child {
+    let log = File::options().create(true).append(true).open(log).unwrap();
+    let mut cmd = match resolv {
+        None => {
+            let mut c = Command::new(agentd_bin());
+            c.arg("--config").arg(config).arg("daemon");
+            c
+        }
+        Some(resolv) => {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+                .arg("mount --bind \"$1\" /etc/resolv.conf && exec \"$2\" --config \"$3\" daemon")
+                .arg("sh")
+                .arg(resolv)
+                .arg(agentd_bin())
+                .arg(config);
+            c
+        }
+    };
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // If the test process dies without dropping this guard (killed by a timeout), the
+    // daemon still gets SIGTERM and removes its agents and cgroups.
+    // SAFETY: prctl between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("start agentd daemon")
 }
 
 /// How a [`TestDaemon`] is set up.
@@ -266,6 +306,8 @@ pub struct DaemonSetup<'a> {
     pub extra_config: &'a str,
     /// Extra lines of the generated file's `[agents]` section (e.g. `max = 3`).
     pub agents_config: &'a str,
+    /// Extra lines of the generated file's `[daemon]` section (e.g. `on_stop = "keep"`).
+    pub daemon_config: &'a str,
     /// If set, the daemon (and so every agent) runs in a private mount namespace where
     /// /etc/resolv.conf has this text: agents' name lookups then never depend on, or
     /// reach, the host's resolver.
@@ -313,13 +355,14 @@ impl TestDaemon {
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nsocket = \"{}\"\nlaunch_socket = \"{}\"\nadmin_group = \"root\"\ncgroup_root = \"{}\"\nbpffs = \"{}\"\n\
+                "[daemon]\nsocket = \"{}\"\nlaunch_socket = \"{}\"\nadmin_group = \"root\"\ncgroup_root = \"{}\"\nbpffs = \"{}\"\n{}\n\
                  [agents]\nprofiles_dir = \"{}\"\ndefault_profile = \"default\"\nuser = \"nobody\"\ntmp_dir = \"{}\"\n{}\n\
                  [dns]\nport = {dns_port}\n{}",
                 socket.display(),
                 launch_socket.display(),
                 root.display(),
                 bpffs.display(),
+                setup.daemon_config,
                 profiles_dir.display(),
                 dir.path().join("tmp").display(),
                 setup.agents_config,
@@ -330,41 +373,12 @@ impl TestDaemon {
         // Readable by agents (they run as nobody) that call agentd themselves.
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let log = File::create(dir.path().join("daemon.log")).unwrap();
-        let mut cmd = match setup.resolv_conf {
-            None => {
-                let mut c = Command::new(agentd_bin());
-                c.arg("--config").arg(&config).arg("daemon");
-                c
-            }
-            Some(text) => {
-                let resolv = dir.path().join("resolv.conf");
-                std::fs::write(&resolv, text).unwrap();
-                let mut c = Command::new("unshare");
-                c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
-                    .arg("mount --bind \"$1\" /etc/resolv.conf && exec \"$2\" --config \"$3\" daemon")
-                    .arg("sh")
-                    .arg(&resolv)
-                    .arg(agentd_bin())
-                    .arg(&config);
-                c
-            }
-        };
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // If the test process dies without dropping this guard (killed by a timeout), the
-        // daemon still gets SIGTERM and removes its agents and cgroups.
-        // SAFETY: prctl between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("start agentd daemon");
+        let resolv = setup.resolv_conf.map(|text| {
+            let resolv = dir.path().join("resolv.conf");
+            std::fs::write(&resolv, text).unwrap();
+            resolv
+        });
+        let child = spawn_daemon(&config, resolv.as_deref(), &dir.path().join("daemon.log"));
         let mut d = TestDaemon {
             child,
             dir,
@@ -373,18 +387,63 @@ impl TestDaemon {
             socket,
             launch_socket,
             bpffs,
+            resolv,
         };
-        let ready = wait_until(Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
-                || !matches!(d.child.try_wait(), Ok(None))
-        });
-        if ready && matches!(d.child.try_wait(), Ok(None)) {
+        if d.wait_ready() {
             Ok(d)
         } else {
-            let _ = wait_until(Duration::from_secs(10), || {
-                !matches!(d.child.try_wait(), Ok(None))
-            });
             Err((d.log(), d.root.exists()))
+        }
+    }
+
+    /// Waits until the daemon answers on its socket (true) or exits (false).
+    fn wait_ready(&mut self) -> bool {
+        let ready = wait_until(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+                || !matches!(self.child.try_wait(), Ok(None))
+        });
+        if ready && matches!(self.child.try_wait(), Ok(None)) {
+            return true;
+        }
+        let _ = wait_until(Duration::from_secs(10), || {
+            !matches!(self.child.try_wait(), Ok(None))
+        });
+        false
+    }
+
+    /// Starts the daemon again with the same configuration, once the running one has
+    /// exited (a test kills it first). Its log goes on in the same file. `Err` holds the
+    /// log if the new daemon exited instead of answering.
+    pub fn restart(&mut self) -> Result<(), String> {
+        assert!(
+            wait_until(Duration::from_secs(15), || self.exited()),
+            "restart: the daemon is still running"
+        );
+        let _ = self.child.wait();
+        let log = self.dir.path().join("daemon.log");
+        let readies = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("agentd: ready:")
+                .count()
+        };
+        let before = readies();
+        self.child = spawn_daemon(
+            &self.config,
+            self.resolv.as_deref(),
+            &self.dir.path().join("daemon.log"),
+        );
+        // The socket accepts before the daemon is done starting (adopting): wait for the
+        // line it logs when it is.
+        if self.wait_ready()
+            && wait_until(Duration::from_secs(20), || {
+                readies() > before || !matches!(self.child.try_wait(), Ok(None))
+            })
+            && readies() > before
+        {
+            Ok(())
+        } else {
+            Err(self.log())
         }
     }
 

@@ -295,3 +295,101 @@ fn file_open_cost_does_not_grow_with_the_rule_count() {
         "file_open with 1,000 rules costs {ratio:.2} times as much as with 1"
     );
 }
+
+/// A daemon killed with SIGKILL and started again adopts its agent on a BPF LSM kernel:
+/// each pinned BPF LSM link is replaced by a new one (attached before the old pin is
+/// renamed over, which detaches the old), and the agent's file rule holds throughout.
+#[test]
+fn a_restarted_daemon_replaces_the_bpf_lsm_links_and_the_rules_hold() {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        os::unix::fs::PermissionsExt as _,
+        process::Stdio,
+    };
+    require_vm();
+    let files = TempDir::new("adopt-lsm");
+    let secret = files.write("secret", "s3cret");
+    let open = files.write("open", "hello");
+    for (p, mode) in [(files.path(), 0o755), (&secret, 0o644), (&open, 0o644)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let profile = format!(
+        "name = \"plain\"\nversion = \"1.0.0\"\n[files]\ndefault = \"allow\"\ndeny = [\"{}\"]\n",
+        secret.display()
+    );
+    let mut d = agentd_tests::TestDaemon::with(agentd_tests::DaemonSetup {
+        profiles: &[("plain", &profile)],
+        extra_config: "[files]\nenforcers = [\"lsm\"]\n",
+        ..Default::default()
+    });
+    let mut agent = d
+        .agentd()
+        .args([
+            "run",
+            "--profile",
+            "plain",
+            "--name",
+            "probe",
+            "--degraded-ok",
+            "--",
+        ])
+        .arg(act_bin!())
+        .arg("probe")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = agent.stdin.take().unwrap();
+    let mut lines = BufReader::new(agent.stdout.take().unwrap()).lines();
+    let mut next = move || -> serde_json::Value {
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+    };
+    assert_eq!(next()["detail"], "ready");
+    let mut probe = |when: &str| {
+        for (path, allowed) in [(&secret, false), (&open, true)] {
+            writeln!(input, "open {}", path.display()).unwrap();
+            input.flush().unwrap();
+            let v = next();
+            assert_eq!(v["ok"], allowed, "{when}: open {}: {v}", path.display());
+        }
+    };
+    probe("with the daemon");
+    let pin = d.bpffs.join("links/file_open");
+    let link = || {
+        aya::programs::links::FdLink::from(
+            aya::programs::links::PinnedLink::from_pin(&pin).unwrap(),
+        )
+        .info()
+        .unwrap()
+        .id()
+    };
+    let before = link();
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(5), || d.exited()));
+    probe("after the daemon was killed");
+    d.restart().expect("the daemon adopts the agent");
+    assert!(d.log().contains("adopted agent probe"), "{}", d.log());
+    let after = link();
+    assert_ne!(before, after, "a new file_open link is pinned");
+    assert!(
+        wait_until(Duration::from_secs(5), || !aya::programs::loaded_links()
+            .flatten()
+            .any(|l| l.id() == before)),
+        "the old file_open link is detached"
+    );
+    probe("after the restart");
+    let out = d
+        .agentd()
+        .args(["kill", "probe", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!d.root.join("probe").exists());
+    let _ = agent.wait();
+}

@@ -94,24 +94,26 @@ pub struct AgentState {
     pub dns_addr: Ipv4Addr,
     pub live: Mutex<Live>,
     /// Taken by teardown.
-    cgroup: Mutex<Option<CgroupDir>>,
-    cgroup_path: PathBuf,
+    pub(super) cgroup: Mutex<Option<CgroupDir>>,
+    pub(super) cgroup_path: PathBuf,
     /// A throttle (freeze until a budget refills) is under way.
-    throttled: std::sync::atomic::AtomicBool,
+    pub(super) throttled: std::sync::atomic::AtomicBool,
     /// Held for the whole of a teardown: a second caller returns only once it is done.
-    teardown_lock: Mutex<()>,
+    pub(super) teardown_lock: Mutex<()>,
     /// The kill switch was thrown: the kernel entry carries AGENT_FLAG_KILLED.
-    killed: std::sync::atomic::AtomicBool,
+    pub(super) killed: std::sync::atomic::AtomicBool,
     /// Frozen by the kill switch (`--freeze`): a throttle's thaw leaves it frozen.
-    held: std::sync::atomic::AtomicBool,
+    pub(super) held: std::sync::atomic::AtomicBool,
     /// Budget exhaustion events so far (for the breaker's `exhaustions`).
-    exhaustions: std::sync::atomic::AtomicU64,
+    pub(super) exhaustions: std::sync::atomic::AtomicU64,
     /// The supervisor of its process notifier (`processes` budget with `deny` where BPF
     /// LSM does not work), and the bucket it answers from (`None`: every creation passes).
-    notifier: Mutex<Option<crate::budgets::Notifier>>,
-    process_gate: Mutex<Option<crate::budgets::UserBucket>>,
+    pub(super) notifier: Mutex<Option<crate::budgets::Notifier>>,
+    pub(super) process_gate: Mutex<Option<crate::budgets::UserBucket>>,
     /// Resolver tasks, stopped by teardown.
-    resolver: Mutex<Option<dns::AgentResolver>>,
+    pub(super) resolver: Mutex<Option<dns::AgentResolver>>,
+    /// Adopted from an earlier daemon (its process notifier, if it had one, is gone).
+    pub(super) adopted: bool,
 }
 
 impl AgentState {
@@ -337,7 +339,7 @@ pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: b
         return network::apply(&mut kernel, live.policy_id, &allowlist);
     }
     let gate = gates_processes(daemon, &live.policy);
-    if gate && *agent.pid.locked() != 0 && agent.notifier.locked().is_none() {
+    if gate && *agent.pid.locked() != 0 && agent.notifier.locked().is_none() && !agent.adopted {
         anyhow::bail!(
             "a `processes` budget with `deny` needs BPF LSM or a notifier installed at launch, \
              which agent {} does not have: start it again with that budget",
@@ -398,6 +400,7 @@ pub fn sync_kernel(daemon: &Daemon, agent: &AgentState, live: &mut Live, swap: b
             );
         }
     }
+    super::adopt::save(daemon, agent, live);
     Ok(())
 }
 
@@ -721,6 +724,7 @@ fn prepare(
         held: std::sync::atomic::AtomicBool::new(false),
         notifier: Mutex::new(None),
         process_gate: Mutex::new(None),
+        adopted: false,
     };
     if let Err(e) = sync_kernel(daemon, &state, &mut live, true) {
         let mut kernel = daemon.kernel.locked();
@@ -762,7 +766,7 @@ fn prepare(
     })
 }
 
-fn empty_live() -> Live {
+pub(super) fn empty_live() -> Live {
     Live {
         spec: ProfileSpec::Default,
         adjustments: Adjustments::default(),
@@ -888,6 +892,7 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
     // Stops the resolver tasks and frees the address.
     drop(a.resolver.locked().take());
     let _ = fs::remove_dir_all(&a.tmp);
+    super::adopt::remove(daemon, &a.name);
     daemon.agents.locked().remove(&a.name);
     budget_hook(daemon);
     reporter(daemon);
@@ -895,11 +900,19 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
     daemon.denials.locked().remove(&a.id);
 }
 
+/// Lets go of a running agent without undoing anything (a stop with `on_stop = "keep"`):
+/// its cgroup is not killed or removed when the daemon's state is dropped.
+pub(super) fn leave_running(a: &AgentState) {
+    if let Some(c) = a.cgroup.locked().take() {
+        let _ = c.release();
+    }
+}
+
 /// Keeps the Landlock path's denial reporter attached while agents run. It runs on every
 /// system call exit of the host, so it is attached only then, and only where file denials
 /// can happen that no BPF LSM hook reports (Landlock refuses before BPF LSM in the
 /// kernel's order, so wherever Landlock is used).
-fn reporter(daemon: &Daemon) {
+pub(super) fn reporter(daemon: &Daemon) {
     let needed = !daemon.file_enforcers.lsm || daemon.file_enforcers.landlock.is_some();
     keep_attached(
         daemon,
@@ -958,7 +971,7 @@ async fn control_line(r: &mut (impl AsyncBufRead + Unpin)) -> Option<Vec<u8>> {
 
 /// Keeps the `sys_enter` budget program attached while some agent has budgets (it runs
 /// on every system call of the host). Returns whether it is attached.
-fn budget_hook(daemon: &Daemon) -> bool {
+pub(super) fn budget_hook(daemon: &Daemon) -> bool {
     let usable = daemon.budgets_unusable.is_none();
     keep_attached(
         daemon,
@@ -1186,6 +1199,7 @@ pub fn kill_switch(
             // Only while it has its cgroup (teardown may be under way).
             if a.cgroup.locked().is_some() {
                 let _ = agent::register(&mut daemon.kernel.locked(), a.id, entry);
+                super::adopt::save(daemon, a, &a.live.locked());
             }
         }
     }
@@ -1201,6 +1215,9 @@ pub fn kill_switch(
                     let o = crate::kill::act(&a.name, &a.cgroup_path, action, processes, start);
                     if action == K::Thaw && o.error.is_none() {
                         a.held.store(false, SeqCst);
+                    }
+                    if action != K::Kill && a.cgroup.locked().is_some() {
+                        super::adopt::save(daemon, a, &a.live.locked());
                     }
                     if action == K::Kill {
                         teardown(daemon, a);
@@ -1367,6 +1384,7 @@ pub async fn run(
     };
     let pid = child.id().unwrap_or(0);
     *state.pid.locked() = pid;
+    super::adopt::save(&daemon, &state, &state.live.locked());
     let (read, mut write) = stream.into_split();
     let info = state.info(&daemon);
     let _ = send(

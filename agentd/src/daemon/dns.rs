@@ -42,6 +42,22 @@ impl Slot {
         })
     }
 
+    /// Takes `addr` again (an adopted agent keeps its resolver address).
+    pub fn claim(daemon: &Arc<Daemon>, addr: Ipv4Addr) -> Result<Slot> {
+        let [a, b, hi, lo] = addr.octets();
+        if [a, b] != RESOLVER_NET {
+            bail!("{addr} is not a resolver address (127.53.0.0/16)");
+        }
+        let n = u16::from_be_bytes([hi, lo]);
+        if !daemon.dns_slots.locked().insert(n) {
+            bail!("the resolver address {addr} is taken");
+        }
+        Ok(Slot {
+            daemon: daemon.clone(),
+            n,
+        })
+    }
+
     pub fn addr(&self) -> Ipv4Addr {
         let [hi, lo] = self.n.to_be_bytes();
         Ipv4Addr::new(RESOLVER_NET[0], RESOLVER_NET[1], hi, lo)

@@ -11,6 +11,7 @@
 //! Peers are identified by SO_PEERCRED and by their cgroup: a process below the agent root
 //! is that agent, whatever its uid or groups.
 
+mod adopt;
 mod agents;
 mod dns;
 mod peer;
@@ -110,23 +111,19 @@ pub fn auto_root(mount: &Cgroup2Mount, under_systemd: bool, proc_self_cgroup: &s
     mount.mount_point.join("agentd")
 }
 
-/// Creates the agent root, or adopts it if it exists and holds no agent.
-fn prepare_root(path: &Path) -> Result<CgroupDir> {
+/// Creates the agent root, or takes the existing one; returns it with the agents an
+/// earlier daemon left in it (adopted, see [`adopt`]).
+fn prepare_root(path: &Path) -> Result<(CgroupDir, Vec<String>)> {
     if path.exists() {
         let dir = CgroupDir::adopt(path)?;
-        let leftovers = dir.children()?;
-        if !leftovers.is_empty() {
-            let _ = dir.release();
-            bail!(
-                "the agent root {} still holds agents from an earlier run ({}), still contained by its pinned \
-                 programs; this version cannot adopt them: end them with `agentd kill --all --direct` (or \
-                 `echo 1 > {}/cgroup.kill` and remove their directories) before starting the daemon",
-                path.display(),
-                leftovers.join(", "),
-                path.display()
-            );
-        }
-        return Ok(dir);
+        let leftovers = match dir.children() {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = dir.release();
+                return Err(e);
+            }
+        };
+        return Ok((dir, leftovers));
     }
     let parent = path
         .parent()
@@ -135,8 +132,9 @@ fn prepare_root(path: &Path) -> Result<CgroupDir> {
         .file_name()
         .context("the agent root has no name")?
         .to_string_lossy();
-    CgroupDir::create(parent, &name)
-        .with_context(|| format!("creating the agent root {}", path.display()))
+    let dir = CgroupDir::create(parent, &name)
+        .with_context(|| format!("creating the agent root {}", path.display()))?;
+    Ok((dir, Vec::new()))
 }
 
 /// Checks, and creates where missing (mode 0711), the directory that holds the agents'
@@ -238,7 +236,24 @@ pub async fn run(config: Config) -> Result<()> {
     secure_tmp_base(&config.tmp_dir)?;
     let mount = cgroup::cgroup2_mount()?;
     let root_path = agent_root_path(&config, &mount);
-    let root_dir = prepare_root(&root_path)?;
+    let (root_dir, leftovers) = prepare_root(&root_path)?;
+    // With agents to adopt, a failed start must leave them as they are (contained by the
+    // pins): the root is not ours to remove until the start is done.
+    let adopting = !leftovers.is_empty();
+    let records = match adopt::plan(&config, &root_path, &leftovers) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = root_dir.release();
+            return Err(e);
+        }
+    };
+    let root_dir = if adopting {
+        let _ = root_dir.release();
+        None
+    } else {
+        Some(root_dir)
+    };
+    adopt::prepare_dir(&config)?;
     match config.max_tasks {
         Some(max) => cgroup::limit_tasks(&root_path, max).context("agents.max_tasks")?,
         // An adopted root may carry the cap of an earlier configuration.
@@ -248,16 +263,18 @@ pub async fn run(config: Config) -> Result<()> {
         None => {}
     }
     let root = AgentRoot {
-        id: root_dir.id(),
+        id: cgroup::cgroup_id(&root_path)?,
         level: cgroup::cgroup_level(&mount, &root_path)?,
     };
     let offsets = Btf::from_kernel()
         .and_then(|b| b.kernel_offsets())
         .unwrap_or_default();
-    let mut kernel = ebpf::load(&LoadConfig { root, offsets })?;
+    // Without agents to adopt, stale pins contain nothing and go; with them, the pins
+    // stay whatever happens until the start is done.
+    let mut pins = crate::ebpf::Pins::open(&config.bpffs, adopting)?;
+    pins.remove_on_drop = !adopting;
+    let mut kernel = ebpf::load_with(&LoadConfig { root, offsets }, Some(&pins))?;
     let root_file = fs::File::open(&root_path)?;
-    // The agent root holds no agents (prepare_root): stale pins contain nothing.
-    let pins = crate::ebpf::Pins::open(&config.bpffs)?;
     crate::network::attach(&mut kernel, &root_file, Some(&pins))
         .context("attaching the egress programs")?;
     let reader = EventReader::take(&mut kernel)?;
@@ -346,6 +363,18 @@ pub async fn run(config: Config) -> Result<()> {
         denials: Mutex::new(HashMap::new()),
         last_file_hook: Mutex::new(HashMap::new()),
     });
+    if adopting {
+        adopt::sweep(&daemon, &records).context("removing the kernel entries of ended agents")?;
+        let d = daemon.clone();
+        // Blocking work (map updates, cgroup files) off the async threads.
+        tokio::task::block_in_place(move || adopt::adopt(&d, records));
+    }
+    // Started: from now on a clean stop kills the agents and removes the root and pins.
+    pins.remove_on_drop = true;
+    let root_dir = match root_dir {
+        Some(d) => d,
+        None => CgroupDir::adopt(&root_path)?,
+    };
     let events_task = tokio::spawn(pump_events(daemon.clone(), reader));
     let expiry_task = {
         let daemon = daemon.clone();
@@ -403,10 +432,28 @@ pub async fn run(config: Config) -> Result<()> {
             }
         }
     }
-    eprintln!("agentd: stopping: killing every agent");
     events_task.abort();
     expiry_task.abort();
     let all: Vec<Arc<AgentState>> = daemon.agents.locked().values().cloned().collect();
+    if daemon.config.on_stop == crate::config::OnStop::Keep && !all.is_empty() {
+        // Nothing of theirs is undone: their cgroups, kernel entries, records and the pins
+        // stay, and so does the agent root record that `agentd kill --direct` reads.
+        for a in &all {
+            agents::leave_running(a);
+        }
+        pins.remove_on_drop = false;
+        let _ = root_dir.release();
+        let _ = fs::remove_file(&daemon.config.socket);
+        let _ = fs::remove_file(&daemon.config.launch_socket);
+        eprintln!(
+            "agentd: stopping (daemon.on_stop = \"keep\"): {} agents run on, contained by the pins in {}; \
+             the next daemon adopts them",
+            all.len(),
+            daemon.config.bpffs.display()
+        );
+        return Ok(());
+    }
+    eprintln!("agentd: stopping: killing every agent");
     for a in all {
         agents::teardown(&daemon, &a);
     }
@@ -577,6 +624,7 @@ fn protected_paths(config: &Config, mount: &Cgroup2Mount) -> Vec<PathBuf> {
         PathBuf::from("/etc/agentd"),
         config.profiles_dir.clone(),
         PathBuf::from("/sys/fs/bpf"),
+        config.bpffs.clone(),
         PathBuf::from("/sys/fs/cgroup"),
         mount.mount_point.clone(),
     ];

@@ -123,6 +123,19 @@ pub fn apply(ebpf: &mut Ebpf, policy: u64, rules: &InodeRules) -> Result<()> {
     Ok(())
 }
 
+/// The policy ids that have file rules.
+pub fn policies(ebpf: &mut Ebpf) -> Result<std::collections::BTreeSet<u64>> {
+    let map = ebpf
+        .map_mut(FILE_RULES_MAP)
+        .context("the object has no FILE_RULES map")?;
+    let map: HashMap<_, FileRuleKey, FileRule> = HashMap::try_from(map)?;
+    Ok(map
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| k.policy)
+        .collect())
+}
+
 /// Removes every file rule of `policy`.
 pub fn clear(ebpf: &mut Ebpf, policy: u64) -> Result<()> {
     apply(ebpf, policy, &InodeRules::default())

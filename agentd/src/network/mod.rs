@@ -204,6 +204,22 @@ fn sync_family<T: aya::Pod>(
     Ok(())
 }
 
+/// The policy ids that have rules in the allowlist maps.
+pub fn policies(ebpf: &mut Ebpf) -> Result<std::collections::BTreeSet<u64>> {
+    let mut out: std::collections::BTreeSet<u64> = trie4(ebpf)?
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| u64::from_be_bytes(k.data().policy))
+        .collect();
+    out.extend(
+        trie6(ebpf)?
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| u64::from_be_bytes(k.data().policy)),
+    );
+    Ok(out)
+}
+
 /// Removes every entry of `policy`.
 pub fn clear(ebpf: &mut Ebpf, policy: u64) -> Result<()> {
     apply(ebpf, policy, &Allowlist::default())
@@ -238,11 +254,13 @@ pub fn attach(
             .try_into()?;
         prog.load()
             .with_context(|| format!("loading {name} (cgroup sock_addr)"))?;
-        let link = prog
-            .attach(agent_root, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching {name} to the agent root"))?;
-        if let Some(pins) = pins {
-            pins.pin(name, prog.take_link(link)?.try_into()?)?;
+        if !updated(pins, name, prog.fd()?)? {
+            let link = prog
+                .attach(agent_root, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to the agent root"))?;
+            if let Some(pins) = pins {
+                pins.pin(name, prog.take_link(link)?.try_into()?)?;
+            }
         }
         ids.push((*name, crate::ebpf::program_id(ebpf, name)?));
     }
@@ -251,11 +269,13 @@ pub fn attach(
         .context("the object has no sock_create program")?
         .try_into()?;
     prog.load().context("loading sock_create (cgroup sock)")?;
-    let link = prog
-        .attach(agent_root, CgroupAttachMode::Single)
-        .context("attaching sock_create to the agent root")?;
-    if let Some(pins) = pins {
-        pins.pin("sock_create", prog.take_link(link)?.try_into()?)?;
+    if !updated(pins, "sock_create", prog.fd()?)? {
+        let link = prog
+            .attach(agent_root, CgroupAttachMode::Single)
+            .context("attaching sock_create to the agent root")?;
+        if let Some(pins) = pins {
+            pins.pin("sock_create", prog.take_link(link)?.try_into()?)?;
+        }
     }
     ids.push(("sock_create", crate::ebpf::program_id(ebpf, "sock_create")?));
     let prog: &mut CgroupSkb = ebpf
@@ -263,18 +283,39 @@ pub fn attach(
         .context("the object has no skb_egress program")?
         .try_into()?;
     prog.load().context("loading skb_egress (cgroup skb)")?;
-    let link = prog
-        .attach(
-            agent_root,
-            CgroupSkbAttachType::Egress,
-            CgroupAttachMode::Single,
-        )
-        .context("attaching skb_egress to the agent root")?;
-    if let Some(pins) = pins {
-        pins.pin("skb_egress", prog.take_link(link)?.try_into()?)?;
+    if !updated(pins, "skb_egress", prog.fd()?)? {
+        let link = prog
+            .attach(
+                agent_root,
+                CgroupSkbAttachType::Egress,
+                CgroupAttachMode::Single,
+            )
+            .context("attaching skb_egress to the agent root")?;
+        if let Some(pins) = pins {
+            pins.pin("skb_egress", prog.take_link(link)?.try_into()?)?;
+        }
     }
     ids.push(("skb_egress", crate::ebpf::program_id(ebpf, "skb_egress")?));
     Ok(ids)
+}
+
+/// Where an earlier daemon's link is pinned (a restart that adopts its agents), gives it
+/// this program in one step; returns whether it did (else the caller attaches).
+fn updated(
+    pins: Option<&crate::ebpf::Pins>,
+    name: &str,
+    prog: &aya::programs::ProgramFd,
+) -> Result<bool> {
+    let Some(pins) = pins else {
+        return Ok(false);
+    };
+    let done = pins.update(name, std::os::fd::AsFd::as_fd(prog))?;
+    if done {
+        eprintln!(
+            "agentd: {name}: the pinned link runs this build's program now (BPF_LINK_UPDATE)"
+        );
+    }
+    Ok(done)
 }
 
 #[cfg(test)]

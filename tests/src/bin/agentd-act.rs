@@ -41,6 +41,7 @@
 //!                            (read): try it and report (until end of input)
 //!   env                      the environment
 //!   fds                      open file descriptors
+//!   ptrace PID               PTRACE_SEIZE the process (detached again at once if it worked)
 //!   sleep SECS               sleep
 //!   exit CODE                exit with CODE
 
@@ -962,6 +963,19 @@ fn main() {
                 })
                 .unwrap_or_default();
             report("fds", Ok(json!(fds)));
+        }
+        ["ptrace", pid] => {
+            let pid: libc::pid_t = pid.parse().unwrap_or_else(|_| usage());
+            // SAFETY: PTRACE_SEIZE takes no pointers; a success is undone at once.
+            let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
+            let result = if r == 0 {
+                // SAFETY: detaches the tracee seized above.
+                unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
+                Ok(json!("seized"))
+            } else {
+                Err(Error::last_os_error())
+            };
+            report("ptrace", result);
         }
         ["sleep", secs] => {
             let s: u64 = secs.parse().unwrap_or_else(|_| usage());

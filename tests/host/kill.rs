@@ -503,3 +503,35 @@ fn a_stop_with_on_stop_keep_leaves_agents_to_the_next_daemon() {
     assert!(!d.root.exists(), "the agent root is removed");
     assert!(!d.bpffs.exists(), "the pins are removed");
 }
+
+/// A second daemon on the same configuration refuses to start before it touches anything:
+/// the running daemon's pins, agents and records stay as they are.
+#[test]
+fn a_second_daemon_leaves_the_running_one_alone() {
+    let d = TestDaemon::start(&[("plain", PLAIN)]);
+    let link = d.bpffs.join("links/connect4");
+    let id =
+        |p: &std::path::Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let second = || {
+        let out = d.agentd().arg("daemon").output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("another agentd daemon is listening"), "{err}");
+    };
+    // Without agents, and with one.
+    let before = id(&link).unwrap();
+    second();
+    assert_eq!(id(&link).ok(), Some(before), "the pin is the same");
+    let (mut client, _) = start(&d, "first", &[&act(), "sleep", "600"]);
+    second();
+    assert_eq!(id(&link).ok(), Some(before), "the pin is the same");
+    assert!(
+        d.dir.path().join("agents/first.json").exists(),
+        "the record stays"
+    );
+    let procs = std::fs::read_to_string(d.root.join("first/cgroup.procs")).unwrap();
+    assert_eq!(procs.lines().count(), 1, "the agent runs on");
+    let (out, v) = kill_json(&d, &["first"]);
+    assert!(out.status.success(), "{v}");
+    let _ = client.wait();
+}

@@ -233,6 +233,13 @@ pub async fn run(config: Config) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the daemon loads BPF programs and manages cgroups: run it as root");
     }
+    // Before anything is touched: a second daemon must not adopt, sweep or unpin what
+    // the running one holds.
+    for path in [&config.socket, &config.launch_socket] {
+        if UnixStream::connect(path).await.is_ok() {
+            bail!("another agentd daemon is listening on {}", path.display());
+        }
+    }
     secure_tmp_base(&config.tmp_dir)?;
     let mount = cgroup::cgroup2_mount()?;
     let root_path = agent_root_path(&config, &mount);

@@ -198,7 +198,10 @@ pub fn direct(root: &Path, names: &[String], all: bool, action: Action) -> Resul
         if action == Action::Kill && o.error.is_none() {
             // Empty now: remove it (and any sub-cgroups the agent made), so that a daemon
             // started later does not find leftovers.
-            if let Err(e) = CgroupDir::adopt(&path).and_then(CgroupDir::remove) {
+            // (A running daemon may have removed it first: then it is gone, as wanted.)
+            if let Err(e) = CgroupDir::adopt(&path).and_then(CgroupDir::remove)
+                && path.exists()
+            {
                 o.error = Some(format!("killed, but removing {}: {e:#}", path.display()));
             }
         }

@@ -5,7 +5,10 @@
 //! - `test`: unit tests, host integration tests (root), VM tests (BPF LSM kernels).
 //! - `vm`: boot a test kernel with the current binaries, for tests or an interactive look.
 //! - `daemon`: build and run the daemon in the foreground with this checkout's profiles.
+//! - `bench`: measure agentd's overhead and kill switch latency; writes bench/RESULTS.md
+//!   and bench/results.json (as root; not part of `test`).
 
+mod bench;
 mod build;
 mod daemon;
 mod setup;
@@ -44,6 +47,13 @@ enum Task {
     /// Build agentd and run its daemon in the foreground with this checkout's profiles
     /// (as root). Prints how to start an agent against it.
     Daemon(daemon::Options),
+    /// Measure what agentd costs (system calls outside and inside agents) and how fast its
+    /// kill switch is; writes bench/RESULTS.md and bench/results.json (as root; takes
+    /// several minutes, `--quick` under 2). Not part of `test`.
+    Bench(bench::Options),
+    /// The measured loop of `bench`, run in a process of its own (outside or as an agent).
+    #[command(hide = true)]
+    BenchLoop(bench::LoopOptions),
 }
 
 fn main() {
@@ -54,6 +64,8 @@ fn main() {
         Task::Test(opts) => test::run(opts),
         Task::Vm(opts) => vm::run(opts),
         Task::Daemon(opts) => daemon::run(opts),
+        Task::Bench(opts) => bench::run(opts),
+        Task::BenchLoop(opts) => bench::run_loop(opts),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -572,3 +572,124 @@ fn call_with_timeout(config: &Config, request: &Request) -> Result<Reply, String
         .set_read_timeout(Some(crate::kill::TIMEOUT + DAEMON_TIMEOUT));
     read_reply(&mut reader).ok_or_else(|| "the daemon stopped answering".to_string())
 }
+
+/// One audit record as a line for people.
+pub fn describe_record(r: &serde_json::Value) -> String {
+    let details = &r["details"];
+    let text = details["text"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| details.to_string());
+    let who = match (
+        r["agent"].as_str(),
+        r["profile"].as_str(),
+        r["version"].as_str(),
+    ) {
+        (Some(a), Some(p), Some(v)) => format!("{a} ({p} {v})"),
+        (Some(a), _, _) => a.to_string(),
+        _ => "agentd".to_string(),
+    };
+    format!(
+        "{} #{:<6} {:<16} {who}: {text}",
+        r["time"].as_str().unwrap_or("-"),
+        r["seq"],
+        r["kind"].as_str().unwrap_or("?"),
+    )
+}
+
+/// `agentd events`.
+pub fn events(
+    config: &Config,
+    follow: bool,
+    agent: Option<String>,
+    last: usize,
+    json: bool,
+) -> i32 {
+    let path = socket_path(config);
+    let stream = match connect(&path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let request = Request::Events {
+        follow,
+        agent,
+        last,
+    };
+    if let Err(e) = send_request(&stream, &request, &[]) {
+        eprintln!("agentd: sending the request to {}: {e}", path.display());
+        return EXIT_AGENTD;
+    }
+    let mut reader = BufReader::new(stream);
+    let mut out = std::io::stdout().lock();
+    loop {
+        match read_reply(&mut reader) {
+            Some(Reply::Event { record }) => {
+                let line = if json {
+                    record.to_string()
+                } else {
+                    describe_record(&record)
+                };
+                // Flushed per record: a pipe reader sees each as it comes.
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return 0;
+                }
+            }
+            Some(Reply::EventsEnd) => return 0,
+            Some(Reply::Error { message, exit_code }) => {
+                eprintln!("agentd: {message}");
+                return exit_code;
+            }
+            Some(_) | None => {
+                eprintln!("agentd: the daemon ended the stream of events");
+                return EXIT_AGENTD;
+            }
+        }
+    }
+}
+
+/// `agentd audit verify [FILES...]`.
+pub fn audit_verify(config: &Config, files: Vec<PathBuf>, json: bool) -> i32 {
+    let files = if files.is_empty() {
+        crate::audit::files_of(&config.audit_path)
+    } else {
+        files
+    };
+    if files.is_empty() {
+        eprintln!(
+            "agentd: no audit log at {} (audit.path)",
+            config.audit_path.display()
+        );
+        return 1;
+    }
+    let verdict = match crate::audit::verify(&files) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("agentd: {e:#}");
+            return 1;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&verdict).expect("serializable")
+        );
+    } else if let Some(p) = &verdict.problem {
+        println!(
+            "audit: FAILED at {}:{}: {} (after {} good records)",
+            p.file.display(),
+            p.line,
+            p.message,
+            verdict.records
+        );
+    } else {
+        println!(
+            "audit: ok: {} records (seq {} to {}) in {} file{}",
+            verdict.records,
+            verdict.first_seq.unwrap_or(0),
+            verdict.last_seq.unwrap_or(0),
+            verdict.files.len(),
+            if verdict.files.len() == 1 { "" } else { "s" }
+        );
+    }
+    if verdict.ok { 0 } else { 1 }
+}

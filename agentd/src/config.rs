@@ -31,6 +31,16 @@
 //! [files]
 //! enforcers = ["lsm", "landlock"]             # which file enforcers may be used, if usable
 //!
+//! [audit]
+//! path = "/var/log/agentd/audit.jsonl"        # hash-chained, one JSON record per line
+//! max_bytes = 104857600                       # rotate beyond this size (audit.jsonl.1, .2 …)
+//! keep = 10                                   # rotated files kept
+//! aggregate_seconds = 10                      # allowed events (DNS answers): one record per
+//!                                             # agent, kind and destination per interval
+//!
+//! [metrics]
+//! listen = "127.0.0.1:9464"                   # Prometheus /metrics; "off" for none
+//!
 //! [host_budgets.connects]                     # none by default: shared by all agents together
 //! rate = 1000                                 # connects and addressed datagrams per second
 //! burst = 2000
@@ -83,6 +93,12 @@ pub struct Config {
     pub max_tasks: Option<u64>,
     /// Budgets shared by all agents (`connects`, `egress_bytes`).
     pub host_budgets: std::collections::BTreeMap<String, crate::budgets::Budget>,
+    pub audit_path: PathBuf,
+    pub audit_max_bytes: u64,
+    pub audit_keep: u32,
+    pub audit_aggregate_secs: u64,
+    /// `None`: no metrics listener.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What a daemon stop (SIGTERM, SIGINT) does to the running agents.
@@ -117,6 +133,11 @@ impl Default for Config {
             max_agents: 1024,
             max_tasks: None,
             host_budgets: Default::default(),
+            audit_path: "/var/log/agentd/audit.jsonl".into(),
+            audit_max_bytes: 100 << 20,
+            audit_keep: 10,
+            audit_aggregate_secs: 10,
+            metrics_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
         }
     }
 }
@@ -133,6 +154,10 @@ struct RawConfig {
     #[serde(default)]
     files: RawFiles,
     #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     host_budgets: std::collections::BTreeMap<String, Spanned<RawHostBudget>>,
 }
 
@@ -148,6 +173,21 @@ struct RawHostBudget {
 #[serde(deny_unknown_fields)]
 struct RawFiles {
     enforcers: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<Spanned<String>>,
+    max_bytes: Option<Spanned<i64>>,
+    keep: Option<Spanned<i64>>,
+    aggregate_seconds: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -300,6 +340,40 @@ impl Config {
                         ),
                     ));
                 }
+            };
+        }
+        abs(&raw.audit.path, "audit.path", &mut c.audit_path)?;
+        let ranged = |v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64| match v {
+            None => Ok(None),
+            Some(v) if (min..=max).contains(v.get_ref()) => Ok(Some(*v.get_ref())),
+            Some(v) => Err(loc.at(
+                v.span(),
+                format!("{key}: {} is out of range ({min} to {max})", v.get_ref()),
+            )),
+        };
+        if let Some(n) = ranged(&raw.audit.max_bytes, "audit.max_bytes", 4096, i64::MAX)? {
+            c.audit_max_bytes = n as u64;
+        }
+        if let Some(n) = ranged(&raw.audit.keep, "audit.keep", 1, 1000)? {
+            c.audit_keep = n as u32;
+        }
+        if let Some(n) = ranged(
+            &raw.audit.aggregate_seconds,
+            "audit.aggregate_seconds",
+            1,
+            3600,
+        )? {
+            c.audit_aggregate_secs = n as u64;
+        }
+        if let Some(v) = &raw.metrics.listen {
+            c.metrics_listen = match v.get_ref().as_str() {
+                "off" => None,
+                s => Some(s.parse().map_err(|_| {
+                    loc.at(
+                        v.span(),
+                        format!("metrics.listen: `{s}` is not an address with a port (like \"127.0.0.1:9464\") or \"off\""),
+                    )
+                })?),
             };
         }
         if let Some(p) = &raw.dns.port {

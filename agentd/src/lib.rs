@@ -9,6 +9,8 @@
 //! - [`files`]: file access rules (kernel: `files.rs`)
 //! - [`process`]: ptrace and signals across agent boundaries (kernel: `process.rs`)
 //! - [`events`]: records from the kernel (kernel: `events.rs`)
+//! - [`audit`]: the hash-chained audit log of every decision and control action
+//! - [`metrics`]: Prometheus metrics on /metrics
 //! - [`kill`]: the kill switch, through the daemon or directly on the cgroups
 //! - [`doctor`]: what this host can enforce (kernel: `probe.rs`)
 //!
@@ -16,6 +18,7 @@
 //! (kernel struct offsets), [`cgroup`] (cgroup v2 directories).
 
 pub mod agent;
+pub mod audit;
 pub mod btf;
 pub mod budgets;
 pub mod caps;
@@ -29,6 +32,7 @@ pub mod events;
 pub mod files;
 pub mod kill;
 pub mod launcher;
+pub mod metrics;
 pub mod network;
 pub mod policy;
 pub mod process;

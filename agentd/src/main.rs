@@ -141,6 +141,54 @@ enum Command {
         #[command(subcommand)]
         command: ProfilesCmd,
     },
+    /// Show the audit records: the most recent ones, and with --follow each new one as
+    /// it is written (denials, budget exhaustions, kills, agent starts and ends, ...).
+    ///
+    /// Examples:
+    ///   sudo agentd events
+    ///   sudo agentd events --follow --agent my-agent
+    ///   sudo agentd events --follow --json | jq 'select(.kind == "net_denied")'
+    #[command(verbatim_doc_comment)]
+    Events {
+        /// Keep showing new records until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the records of this agent.
+        #[arg(long, value_name = "AGENT")]
+        agent: Option<String>,
+        /// How many recent records to show first.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        last: usize,
+        /// One JSON record per line (as in the audit log).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Walk the hash chain of the audit log and name the first record that was changed,
+    /// removed or reordered. Exit status 0 when the chain holds, 1 when it does not.
+    ///
+    /// Without FILES: the configured log (audit.path) with its rotated files, oldest
+    /// first.
+    ///
+    /// Examples:
+    ///   sudo agentd audit verify
+    ///   sudo agentd audit verify /var/log/agentd/audit.jsonl.1 /var/log/agentd/audit.jsonl
+    #[command(verbatim_doc_comment)]
+    Verify {
+        /// Files in chain order (oldest first).
+        files: Vec<std::path::PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Rules added on the command line, for `run` and `update`.
@@ -427,6 +475,19 @@ fn main() -> ExitCode {
                 )
             },
         ),
+        Command::Events {
+            follow,
+            agent,
+            last,
+            json,
+        } => load_config(cli.config.as_deref()).map_or_else(
+            |c| c,
+            |config| client::events(&config, follow, agent, last, json),
+        ),
+        Command::Audit {
+            command: AuditCmd::Verify { files, json },
+        } => load_config(cli.config.as_deref())
+            .map_or_else(|c| c, |config| client::audit_verify(&config, files, json)),
         Command::Ps { json } => load_config(cli.config.as_deref())
             .map_or_else(|c| c, |config| client::ps(&config, json)),
         Command::Inspect { agent, json } => load_config(cli.config.as_deref())

@@ -30,6 +30,13 @@ pub enum Request {
         all: bool,
         action: crate::kill::Action,
     },
+    /// Audit records: up to `last` recent ones, then (with `follow`) each new one as it is
+    /// written; only those of `agent` if given.
+    Events {
+        follow: bool,
+        agent: Option<String>,
+        last: usize,
+    },
 }
 
 /// `agentd update`: a new policy for a running agent.
@@ -183,6 +190,12 @@ pub enum Reply {
     Killed {
         outcomes: Vec<crate::kill::Outcome>,
     },
+    /// One audit record (`agentd events`).
+    Event {
+        record: serde_json::Value,
+    },
+    /// The recent records were all sent (`agentd events` without `--follow`).
+    EventsEnd,
 }
 
 /// Exit status for a request refused for its policy, profile or flags.

@@ -2,6 +2,7 @@
 //! Run with `cargo xtask test --stage host` (one test at a time: they count the kernel's
 //! programs and cgroups).
 
+mod audit;
 mod budgets;
 mod doctor;
 mod egress;

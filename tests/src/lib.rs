@@ -308,6 +308,8 @@ pub struct DaemonSetup<'a> {
     pub agents_config: &'a str,
     /// Extra lines of the generated file's `[daemon]` section (e.g. `on_stop = "keep"`).
     pub daemon_config: &'a str,
+    /// Extra lines of the generated file's `[audit]` section (e.g. `max_bytes = 4096`).
+    pub audit_config: &'a str,
     /// If set, the daemon (and so every agent) runs in a private mount namespace where
     /// /etc/resolv.conf has this text: agents' name lookups then never depend on, or
     /// reach, the host's resolver.
@@ -357,6 +359,7 @@ impl TestDaemon {
             format!(
                 "[daemon]\nsocket = \"{}\"\nlaunch_socket = \"{}\"\nadmin_group = \"root\"\ncgroup_root = \"{}\"\nbpffs = \"{}\"\n{}\n\
                  [agents]\nprofiles_dir = \"{}\"\ndefault_profile = \"default\"\nuser = \"nobody\"\ntmp_dir = \"{}\"\n{}\n\
+                 [audit]\npath = \"{}\"\n{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
                  [dns]\nport = {dns_port}\n{}",
                 socket.display(),
                 launch_socket.display(),
@@ -366,6 +369,8 @@ impl TestDaemon {
                 profiles_dir.display(),
                 dir.path().join("tmp").display(),
                 setup.agents_config,
+                dir.path().join("audit/audit.jsonl").display(),
+                setup.audit_config,
                 if setup.extra_config.contains("[dns]") { setup.extra_config.replace("[dns]\n", "") } else { setup.extra_config.to_string() },
             ),
         )
@@ -483,6 +488,58 @@ impl TestDaemon {
             .expect("run agentd run")
     }
 
+    /// The daemon's audit log.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit/audit.jsonl")
+    }
+
+    /// Every record of the audit log, rotated files first.
+    pub fn audit_records(&self) -> Vec<Value> {
+        agentd::audit::files_of(&self.audit_path())
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).expect("an audit record is JSON"))
+                    .collect::<Vec<Value>>()
+            })
+            .collect()
+    }
+
+    /// The address of its /metrics listener (from its log).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        let log = self.log();
+        log.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("agentd: metrics: http://"))
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("the daemon logs its metrics address:\n{log}"))
+    }
+
+    /// GET /metrics: the text.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(self.metrics_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: agentd\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        body.to_string()
+    }
+
     /// Agent cgroups currently below the root.
     pub fn agent_cgroups(&self) -> Vec<String> {
         std::fs::read_dir(&self.root)
@@ -524,6 +581,13 @@ impl Drop for TestDaemon {
                 "---- agentd daemon log ----\n{}---- end of log ----",
                 self.log()
             );
+        } else {
+            // Every test daemon's audit log holds its chain, whatever the test did.
+            let files = agentd::audit::files_of(&self.audit_path());
+            if !files.is_empty() {
+                let v = agentd::audit::verify(&files).expect("the audit log can be read");
+                assert!(v.ok, "the audit log's chain is broken: {:?}", v.problem);
+            }
         }
         if self.root.exists()
             && let Ok(dir) = CgroupDir::adopt(&self.root)

@@ -569,13 +569,14 @@ impl Env {
                 "# Written by `cargo xtask bench`.\n[daemon]\nsocket = \"{}\"\nlaunch_socket = \"{}\"\n\
                  admin_group = \"root\"\ncgroup_root = \"{}\"\nbpffs = \"{}\"\non_stop = \"kill\"\n\
                  [agents]\nprofiles_dir = \"{}\"\ndefault_profile = \"plain\"\nuser = \"nobody\"\ntmp_dir = \"{}\"\n\
-                 [dns]\nport = {}\n",
+                 [audit]\npath = \"{}\"\n[metrics]\nlisten = \"off\"\n[dns]\nport = {}\n",
                 env.socket.display(),
                 env.dir.join("launch.sock").display(),
                 env.root.display(),
                 env.bpffs.display(),
                 env.dir.join("profiles").display(),
                 env.dir.join("tmp").display(),
+                env.dir.join("audit.jsonl").display(),
                 free_port()?,
             ),
         )?;

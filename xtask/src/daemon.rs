@@ -27,8 +27,10 @@ pub fn run(_opts: Options) -> Result<()> {
         format!(
             "# Written by `cargo xtask daemon`.\n[daemon]\nsocket = \"/run/agentd-dev/agentd.sock\"\n\
              launch_socket = \"/run/agentd-dev/launch.sock\"\nadmin_group = \"root\"\n\
-             [agents]\nprofiles_dir = \"{}\"\nuser = \"nobody\"\ntmp_dir = \"/tmp/agentd-dev\"\n",
-            root.join("profiles").display()
+             [agents]\nprofiles_dir = \"{}\"\nuser = \"nobody\"\ntmp_dir = \"/tmp/agentd-dev\"\n\
+             [audit]\npath = \"{}\"\n",
+            root.join("profiles").display(),
+            dir.join("audit.jsonl").display()
         ),
     )?;
     let agentd = root.join("target/release/agentd");

@@ -242,6 +242,11 @@ pub fn adopt(daemon: &Arc<Daemon>, records: Vec<Record>) {
         let name = r.name.clone();
         match adopt_one(daemon, r) {
             Ok(state) => {
+                daemon.audit_agent(
+                    &state,
+                    "agent_adopted",
+                    serde_json::json!({"pid": *state.pid.locked()}),
+                );
                 eprintln!(
                     "agentd: adopted agent {name} (cgroup {}, first process {})",
                     state.id,
@@ -343,7 +348,8 @@ fn pidfd_in(pid: u32, rel: &Path) -> Option<OwnedFd> {
     (Path::new(own.trim_start_matches('/')) == rel).then_some(fd)
 }
 
-/// Ends an adopted agent when its first process ends (at once if it already has).
+/// Ends an adopted agent when its first process ends (at once if it already has; when
+/// its last process ends if the record did not get to name the first).
 fn watch(daemon: Arc<Daemon>, state: Arc<AgentState>) {
     let rel = daemon.root_rel().join(&state.name);
     let pidfd = pidfd_in(*state.pid.locked(), &rel);
@@ -355,7 +361,16 @@ fn watch(daemon: Arc<Daemon>, state: Arc<AgentState>) {
         });
         return;
     }
+    let unknown = *state.pid.locked() == 0;
     tokio::spawn(async move {
+        if unknown {
+            // Killed between its spawn and the record of its first process: it ends when
+            // its last process does.
+            let events = state.cgroup_path.join("cgroup.events");
+            while fs::read_to_string(&events).is_ok_and(|t| t.contains("populated 1")) {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
         // SAFETY: the AsyncFd owns the pidfd, which nothing else closes.
         if let Some(fd) = pidfd
             && let Ok(fd) = unsafe {

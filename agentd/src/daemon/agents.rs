@@ -826,6 +826,12 @@ pub fn update(daemon: &Daemon, req: &UpdateRequest) -> Result<Reply, Refusal> {
     narrow_children(daemon, &agent);
     budget_hook(daemon);
     let policy = agent.live.locked().policy.clone();
+    daemon.metrics.policy_updates.inc();
+    daemon.audit_agent(
+        &agent,
+        "policy_updated",
+        serde_json::json!({"profile": policy.profile, "version": policy.version.to_string(), "mode": agent.info(daemon).mode}),
+    );
     Ok(Reply::Updated {
         agent: Box::new(agent.info(daemon)),
         policy: Box::new(policy),
@@ -888,6 +894,12 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
         if let Err(e) = cgroup.remove() {
             eprintln!("agentd: agent {}: {e:#}", a.name);
         }
+        daemon.ended(a);
+        daemon.audit_agent(
+            a,
+            "agent_ended",
+            serde_json::json!({"pid": *a.pid.locked(), "killed": a.killed.load(std::sync::atomic::Ordering::SeqCst)}),
+        );
     }
     // Stops the resolver tasks and frees the address.
     drop(a.resolver.locked().take());
@@ -1236,8 +1248,26 @@ pub fn kill_switch(
             .map(|h| h.join().expect("a kill switch thread panicked"))
             .collect()
     });
-    for o in &outcomes {
+    for (o, a) in outcomes.iter_mut().zip(&targets) {
         eprintln!("agentd: kill switch: {}", crate::kill::describe(o));
+        let name = match action {
+            K::Kill => "kill",
+            K::Freeze => "freeze",
+            K::Thaw => "thaw",
+        };
+        daemon.metrics.kills.with_label_values(&[name]).inc();
+        if action == K::Kill && o.error.is_none() {
+            daemon.metrics.kill_duration.observe(o.millis / 1000.0);
+        }
+        // On disk before the command reports it.
+        let details = serde_json::to_value(&*o).unwrap_or_default();
+        if let Err(e) = daemon.audit(&super::trail::subject(a), name, details, true) {
+            let note = format!("not written to the audit log: {e:#}");
+            o.error = Some(match o.error.take() {
+                Some(err) => format!("{err}; {note}"),
+                None => note,
+            });
+        }
     }
     outcomes.extend(missing.into_iter().map(|agent| Outcome {
         agent: agent.clone(),
@@ -1385,6 +1415,20 @@ pub async fn run(
     let pid = child.id().unwrap_or(0);
     *state.pid.locked() = pid;
     super::adopt::save(&daemon, &state, &state.live.locked());
+    daemon.metrics.agents_started.inc();
+    daemon.audit_agent(
+        &state,
+        "agent_started",
+        serde_json::json!({
+            "pid": pid,
+            "user": state.identity.user,
+            "uid": state.identity.uid,
+            "parent": state.parent,
+            "workdir": state.workdir,
+            "mode": state.info(&daemon).mode,
+            "degraded": prepared.degraded,
+        }),
+    );
     let (read, mut write) = stream.into_split();
     let info = state.info(&daemon);
     let _ = send(

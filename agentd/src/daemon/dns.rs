@@ -130,10 +130,18 @@ async fn handle(
                 return Some(resolver::servfail(query));
             }
             count(|c| c.dns_answered += 1);
+            daemon.metrics.dns_answers.inc();
+            daemon.audit_allowed(agent, "dns_answered", &name);
             Some(reply)
         }
-        Answer::Refused { reply, .. } => {
+        Answer::Refused { reply, name } => {
             count(|c| c.dns_refused += 1);
+            daemon.metrics.dns_refusals.inc();
+            daemon.audit_agent(
+                agent,
+                "dns_refused",
+                serde_json::json!({"name": name, "text": format!("DNS query for {name} refused: not in the allowed names")}),
+            );
             Some(reply)
         }
         Answer::Failed { reply, name, error } => {

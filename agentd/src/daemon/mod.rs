@@ -16,6 +16,7 @@ mod agents;
 mod dns;
 mod peer;
 mod serve;
+mod trail;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -81,6 +82,9 @@ pub struct Daemon {
     pub denials: Mutex<HashMap<u64, std::collections::VecDeque<crate::protocol::Denial>>>,
     /// Last BPF LSM file denial per thread (to drop the same denial's system call report).
     pub last_file_hook: Mutex<HashMap<u32, u64>>,
+    /// The audit log, its live feed and recent records.
+    pub trail: trail::Trail,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Denials kept per agent for `agentd inspect`.
@@ -341,6 +345,17 @@ pub async fn run(config: Config) -> Result<()> {
         );
     }
 
+    let audit_log = crate::audit::AuditLog::open(
+        &config.audit_path,
+        config.audit_max_bytes,
+        config.audit_keep,
+    )
+    .with_context(|| format!("audit.path {}", config.audit_path.display()))?;
+    let metrics = Arc::new(crate::metrics::Metrics::new()?);
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     let control = claim_socket(&config.socket).await?;
     fs::set_permissions(&config.socket, fs::Permissions::from_mode(0o660))?;
     if let Some(gid) = admin_gid {
@@ -349,6 +364,7 @@ pub async fn run(config: Config) -> Result<()> {
     let launch = claim_socket(&config.launch_socket).await?;
     fs::set_permissions(&config.launch_socket, fs::Permissions::from_mode(0o666))?;
 
+    let config_aggregate_secs = config.audit_aggregate_secs;
     let daemon = Arc::new(Daemon {
         config,
         mount,
@@ -369,7 +385,20 @@ pub async fn run(config: Config) -> Result<()> {
         budget_hook: Mutex::new(None),
         denials: Mutex::new(HashMap::new()),
         last_file_hook: Mutex::new(HashMap::new()),
+        trail: trail::Trail::new(
+            audit_log,
+            std::time::Duration::from_secs(config_aggregate_secs),
+        ),
+        metrics,
     });
+    for (area, enforcer) in active_enforcers(&daemon) {
+        daemon
+            .metrics
+            .enforcers
+            .with_label_values(&[area, enforcer])
+            .set(1);
+    }
+    let adopted: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
     if adopting {
         adopt::sweep(&daemon, &records).context("removing the kernel entries of ended agents")?;
         let d = daemon.clone();
@@ -390,10 +419,45 @@ pub async fn run(config: Config) -> Result<()> {
             loop {
                 tick.tick().await;
                 let d = daemon.clone();
-                let _ = tokio::task::spawn_blocking(move || agents::expire(&d)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    agents::expire(&d);
+                    d.flush_aggregated(false);
+                })
+                .await;
             }
         })
     };
+    let metrics_task = metrics_listener.map(|listener| {
+        let addr = listener.local_addr().ok();
+        if let Some(addr) = addr {
+            eprintln!("agentd: metrics: http://{addr}/metrics");
+        }
+        let weak = Arc::downgrade(&daemon);
+        let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            if let Some(d) = weak.upgrade() {
+                d.metrics.agents_running.set(d.agents.locked().len() as i64);
+                if let Ok(lost) = crate::events::lost(&d.kernel.locked()) {
+                    d.metrics.events_lost.set(lost as i64);
+                }
+            }
+        });
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            daemon.metrics.clone(),
+            refresh,
+        ))
+    });
+    let _ = daemon.audit(
+        &crate::audit::Subject::daemon(),
+        "daemon_started",
+        serde_json::json!({
+            "pid": std::process::id(),
+            "agent_root": root_path,
+            "enforcement": daemon.enforcement,
+            "adopted": adopted,
+        }),
+        true,
+    );
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -441,7 +505,20 @@ pub async fn run(config: Config) -> Result<()> {
     }
     events_task.abort();
     expiry_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let all: Vec<Arc<AgentState>> = daemon.agents.locked().values().cloned().collect();
+    daemon.flush_aggregated(true);
+    let _ = daemon.audit(
+        &crate::audit::Subject::daemon(),
+        "daemon_stopping",
+        serde_json::json!({
+            "on_stop": daemon.config.on_stop,
+            "agents": all.iter().map(|a| a.name.clone()).collect::<Vec<_>>(),
+        }),
+        true,
+    );
     if daemon.config.on_stop == crate::config::OnStop::Keep && !all.is_empty() {
         // Nothing of theirs is undone: their cgroups, kernel entries, records and the pins
         // stay, and so does the agent root record that `agentd kill --direct` reads.
@@ -517,9 +594,48 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
             last.insert(h.tid, h.ktime_ns);
         }
     }
-    // Only running agents are counted: late events of an agent already torn down (or of a
-    // stray cgroup) would otherwise add entries that nothing ever removes.
-    if daemon.agent_by_id(h.agent).is_none() {
+    let kind = match (e, h.verdict) {
+        (_, VERDICT_AUDIT) => "would_deny",
+        (Event::Net(_), _) => "net_denied",
+        (Event::File(_), _) => "file_denied",
+        (Event::Proc(_), _) => "process_denied",
+        (Event::Budget(_), _) => "budget_exhausted",
+    };
+    let metric_kind = match e {
+        Event::Net(_) => "net",
+        Event::File(_) => "file",
+        Event::Proc(_) => "process",
+        Event::Budget(_) => "budget",
+    };
+    let verdict = if h.verdict == VERDICT_AUDIT {
+        "would_deny"
+    } else {
+        "deny"
+    };
+    daemon
+        .metrics
+        .decisions
+        .with_label_values(&[metric_kind, verdict])
+        .inc();
+    if let Event::Budget(b) = e {
+        daemon
+            .metrics
+            .budget_exhaustions
+            .with_label_values(&[crate::budgets::Action::from_code(b.action)
+                .map_or("unknown", crate::budgets::Action::name)])
+            .inc();
+    }
+    let running = daemon.agent_by_id(h.agent).is_some();
+    if !running {
+        // Late (its agent was torn down a moment ago) or of a stray cgroup: recorded,
+        // not counted (counters of gone agents would never be removed).
+        let denial = denial_of(daemon, e, e.to_string());
+        let _ = daemon.audit(
+            &daemon.subject_of_id(h.agent),
+            kind,
+            serde_json::to_value(&denial).unwrap_or_default(),
+            false,
+        );
         return;
     }
     {
@@ -533,6 +649,30 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
             (Event::Budget(_), _) => c.budget_exhausted += 1,
         }
     }
+    let text = match e {
+        // The class by its name, and what was done about it.
+        Event::Budget(b) => agents::on_budget(daemon, b).unwrap_or_else(|| e.to_string()),
+        _ => e.to_string(),
+    };
+    let denial = denial_of(daemon, e, text);
+    let _ = daemon.audit(
+        &daemon.subject_of_id(h.agent),
+        kind,
+        serde_json::to_value(&denial).unwrap_or_default(),
+        false,
+    );
+    let mut all = daemon.denials.locked();
+    let list = all.entry(h.agent).or_default();
+    if list.len() == RECENT_DENIALS {
+        list.pop_front();
+    }
+    list.push_back(denial);
+}
+
+/// What a kernel event says, for `inspect` and the audit log.
+fn denial_of(_daemon: &Daemon, e: &Event, text: String) -> crate::protocol::Denial {
+    use agentd_common::events::HOOK_SYSCALL_EXIT;
+    let h = e.header();
     let (path, resolved) = match e {
         Event::File(f) => {
             let path = crate::events::file_path(f);
@@ -544,12 +684,7 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
         }
         Event::Net(_) | Event::Proc(_) | Event::Budget(_) => (None, None),
     };
-    let text = match e {
-        // The class by its name, and what was done about it.
-        Event::Budget(b) => agents::on_budget(daemon, b).unwrap_or_else(|| e.to_string()),
-        _ => e.to_string(),
-    };
-    let denial = crate::protocol::Denial {
+    crate::protocol::Denial {
         hook: crate::events::hook(h.hook).to_string(),
         verdict: crate::events::verdict(h.verdict).to_string(),
         text,
@@ -557,13 +692,26 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
         resolved,
         pid: h.pid,
         comm: crate::events::comm(h),
-    };
-    let mut all = daemon.denials.locked();
-    let list = all.entry(h.agent).or_default();
-    if list.len() == RECENT_DENIALS {
-        list.pop_front();
     }
-    list.push_back(denial);
+}
+
+/// The enforcers in use, as (area, enforcer) labels of `agentd_enforcer_active`.
+fn active_enforcers(d: &Daemon) -> Vec<(&'static str, &'static str)> {
+    let mut out = vec![
+        ("process", "seccomp"),
+        ("network", "cgroup_bpf"),
+        ("kill", "cgroup_kill"),
+    ];
+    if d.file_enforcers.lsm {
+        out.push(("files", "bpf_lsm"));
+    }
+    if d.file_enforcers.landlock.is_some() {
+        out.push(("files", "landlock"));
+    }
+    if d.budgets_unusable.is_none() {
+        out.push(("budgets", "sys_enter"));
+    }
+    out
 }
 
 /// Attaches the BPF LSM file programs if the kernel allows it; otherwise readies the
@@ -641,6 +789,9 @@ fn protected_paths(config: &Config, mount: &Cgroup2Mount) -> Vec<PathBuf> {
         }
     }
     if let Some(dir) = config.path.as_ref().and_then(|p| p.parent()) {
+        out.push(dir.to_path_buf());
+    }
+    if let Some(dir) = config.audit_path.parent() {
         out.push(dir.to_path_buf());
     }
     out.sort();

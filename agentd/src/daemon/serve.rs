@@ -169,6 +169,14 @@ pub async fn serve(daemon: Arc<Daemon>, mut stream: UnixStream, socket: Socket) 
     };
     let reply = match (request, socket) {
         (Request::Run(req), _) => return agents::run(daemon, stream, peer, *req, fds).await,
+        (
+            Request::Events {
+                follow,
+                agent,
+                last,
+            },
+            Socket::Control,
+        ) => return events(daemon, stream, follow, agent, last).await,
         (_, Socket::Launch) => Reply::Error {
             message: "only `run` is served on the launch socket".into(),
             exit_code: EXIT_POLICY,
@@ -236,4 +244,64 @@ pub async fn serve(daemon: Arc<Daemon>, mut stream: UnixStream, socket: Socket) 
         }
     };
     let _ = send(&mut stream, &reply).await;
+}
+
+/// `agentd events`: recent records, then (with `follow`) new ones until the client goes.
+async fn events(
+    daemon: Arc<Daemon>,
+    mut stream: UnixStream,
+    follow: bool,
+    agent: Option<String>,
+    last: usize,
+) {
+    let wanted = |r: &serde_json::Value| agent.as_ref().is_none_or(|a| r["agent"] == **a);
+    // Subscribed before the recent records are read: nothing falls in between.
+    let mut feed = daemon.trail.feed.subscribe();
+    let recent: Vec<serde_json::Value> = {
+        let recent = daemon.trail.recent.locked();
+        let matching: Vec<_> = recent.iter().filter(|r| wanted(r)).cloned().collect();
+        matching[matching.len().saturating_sub(last)..].to_vec()
+    };
+    let mut seen = recent.last().and_then(|r| r["seq"].as_u64()).unwrap_or(0);
+    for record in recent {
+        if send(&mut stream, &Reply::Event { record }).await.is_err() {
+            return;
+        }
+    }
+    if !follow {
+        let _ = send(&mut stream, &Reply::EventsEnd).await;
+        return;
+    }
+    let (mut read, mut write) = stream.into_split();
+    let mut buf = [0u8; 64];
+    loop {
+        tokio::select! {
+            r = feed.recv() => match r {
+                Ok(record) => {
+                    let seq = record["seq"].as_u64().unwrap_or(0);
+                    if seq <= seen || !wanted(&record) {
+                        continue;
+                    }
+                    seen = seq;
+                    if send(&mut write, &Reply::Event { record }).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    // A slow reader misses records here (the audit log has them all).
+                    let record = serde_json::json!({"kind": "feed_lagged", "details": {"missed": n}});
+                    if send(&mut write, &Reply::Event { record }).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            },
+            // The client closed its end.
+            n = tokio::io::AsyncReadExt::read(&mut read, &mut buf) => {
+                if matches!(n, Ok(0) | Err(_)) {
+                    return;
+                }
+            }
+        }
+    }
 }

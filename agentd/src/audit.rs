@@ -27,6 +27,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
+/// How long a writer waits for another to finish its record.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// `prev` of the very first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -147,31 +150,84 @@ impl AuditLog {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        let file = Self::open_file(path)?;
+        let mut log = AuditLog {
+            path: path.to_path_buf(),
+            file,
+            size: 0,
+            seq: 0,
+            prev: GENESIS.to_string(),
+            max_bytes: max_bytes.max(1024),
+            keep: keep.max(1),
+        };
+        log.catch_up()?;
+        Ok(log)
+    }
+
+    /// Reads where the chain stands from the files (the last record written by anyone).
+    fn catch_up(&mut self) -> Result<()> {
         let mut last = None;
-        for f in files_of(path).iter().rev() {
+        for f in files_of(&self.path).iter().rev() {
             if let Some(v) = last_record(f)? {
                 last = Some(v);
                 break;
             }
         }
-        let (seq, prev) = match last {
+        (self.seq, self.prev) = match last {
             Some(v) => (
                 v["seq"].as_u64().unwrap_or(0),
                 v["hash"].as_str().unwrap_or(GENESIS).to_string(),
             ),
             None => (0, GENESIS.to_string()),
         };
-        let file = Self::open_file(path)?;
-        let size = file.metadata()?.len();
-        Ok(AuditLog {
-            path: path.to_path_buf(),
-            file,
-            size,
-            seq,
-            prev,
-            max_bytes: max_bytes.max(1024),
-            keep: keep.max(1),
-        })
+        self.size = self.file.metadata()?.len();
+        Ok(())
+    }
+
+    /// Takes the log's lock (flock on the current file: the daemon and `agentd kill
+    /// --direct` may both write) and makes sure this writer goes on from the last record,
+    /// whoever wrote it: another writer may have appended or rotated meanwhile.
+    fn lock(&mut self) -> Result<()> {
+        use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+        loop {
+            // Bounded: a writer stopped while it holds the lock (a daemon under SIGSTOP)
+            // must not hang `agentd kill --direct`.
+            let deadline = Instant::now() + LOCK_TIMEOUT;
+            // SAFETY: flock on a descriptor we own.
+            while unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0
+            {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) || Instant::now() >= deadline {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "locking the audit log {} (another writer holds it)",
+                            self.path.display()
+                        )
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let ours = self.file.metadata()?;
+            match fs::metadata(&self.path) {
+                Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => {
+                    if ours.len() != self.size {
+                        self.catch_up()?;
+                    }
+                    return Ok(());
+                }
+                // Rotated by another writer: lock the new current file.
+                _ => {
+                    self.file = Self::open_file(&self.path)?;
+                    self.catch_up()?;
+                }
+            }
+        }
+    }
+
+    fn unlock(&self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: flock on a descriptor we own.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
     }
 
     fn open_file(path: &Path) -> Result<File> {
@@ -206,6 +262,20 @@ impl AuditLog {
     }
 
     pub fn append_at(
+        &mut self,
+        time: SystemTime,
+        subject: &Subject,
+        kind: &str,
+        details: Value,
+        sync: bool,
+    ) -> Result<Value> {
+        self.lock()?;
+        let written = self.write_locked(time, subject, kind, details, sync);
+        self.unlock();
+        written
+    }
+
+    fn write_locked(
         &mut self,
         time: SystemTime,
         subject: &Subject,
@@ -260,7 +330,15 @@ impl AuditLog {
         }
         fs::rename(&self.path, numbered(1))
             .with_context(|| format!("rotating {}", self.path.display()))?;
-        self.file = Self::open_file(&self.path)?;
+        // The old file stays locked until the append is done; a writer waiting on it finds
+        // it renamed and moves to the new one.
+        let old = std::mem::replace(&mut self.file, Self::open_file(&self.path)?);
+        {
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: flock on a descriptor we own.
+            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX) };
+        }
+        drop(old);
         self.size = 0;
         Ok(())
     }
@@ -504,6 +582,24 @@ mod tests {
             (v.records, v.first_seq, v.last_seq),
             (41, Some(1), Some(41))
         );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn two_writers_keep_one_chain() {
+        let d = dir("writers");
+        let path = d.join("audit.jsonl");
+        let mut a = AuditLog::open(&path, 1500, 50).unwrap();
+        let mut b = AuditLog::open(&path, 1500, 50).unwrap();
+        for i in 0..30 {
+            let w = if i % 3 == 0 { &mut b } else { &mut a };
+            w.append(&who("x"), "test", json!({"i": i}), false).unwrap();
+        }
+        let files = files_of(&path);
+        assert!(files.len() > 2, "rotated: {files:?}");
+        let v = verify(&files).unwrap();
+        assert!(v.ok, "{v:?}");
+        assert_eq!((v.records, v.last_seq), (30, Some(30)));
         let _ = fs::remove_dir_all(&d);
     }
 

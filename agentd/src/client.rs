@@ -513,7 +513,10 @@ pub fn kill(
             match crate::kill::find_root(config)
                 .and_then(|root| crate::kill::direct(&root, agents, all, action))
             {
-                Ok(o) => o,
+                Ok(mut o) => {
+                    crate::kill::audit_direct(config, &mut o);
+                    o
+                }
                 Err(e) => {
                     eprintln!("agentd: {e:#}");
                     return EXIT_AGENTD;

@@ -210,6 +210,54 @@ pub fn direct(root: &Path, names: &[String], all: bool, action: Action) -> Resul
     Ok(out)
 }
 
+/// Writes what `--direct` did to the audit log, synced, before the command reports it; a
+/// failure to write is added to the outcome's error. (The log's lock keeps the chain whole
+/// when a daemon writes too.)
+pub fn audit_direct(config: &Config, outcomes: &mut [Outcome]) {
+    let mut log = match crate::audit::AuditLog::open(
+        &config.audit_path,
+        config.audit_max_bytes,
+        config.audit_keep,
+    ) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            let note = format!(
+                "not written to the audit log {}: {e:#}",
+                config.audit_path.display()
+            );
+            for o in outcomes.iter_mut() {
+                o.error = Some(
+                    o.error
+                        .take()
+                        .map_or(note.clone(), |e| format!("{e}; {note}")),
+                );
+            }
+            None
+        }
+    };
+    let Some(log) = log.as_mut() else {
+        return;
+    };
+    for o in outcomes.iter_mut() {
+        let subject = crate::daemon::adopt::recorded_subject(config, &o.agent);
+        let mut details = serde_json::to_value(&*o).unwrap_or_default();
+        details["direct"] = serde_json::Value::Bool(true);
+        let kind = match o.action {
+            Action::Kill => "kill",
+            Action::Freeze => "freeze",
+            Action::Thaw => "thaw",
+        };
+        if let Err(e) = log.append(&subject, kind, details, true) {
+            let note = format!("not written to the audit log: {e:#}");
+            o.error = Some(
+                o.error
+                    .take()
+                    .map_or(note.clone(), |e| format!("{e}; {note}")),
+            );
+        }
+    }
+}
+
 /// One line per outcome, for people.
 pub fn describe(o: &Outcome) -> String {
     match &o.error {

@@ -220,6 +220,18 @@ fn the_direct_path_works_with_the_daemon_stopped_and_with_it_killed() {
     assert_eq!(v["outcomes"][0]["agent"], "second", "{v}");
     assert_eq!(v["outcomes"][0]["processes"], 3, "{v}");
     assert!(d.agent_cgroups().is_empty());
+    // Both direct kills are in the audit log, in the same chain as the daemon's records
+    // (checked when `d` ends), with the agent's profile from the daemon's record of it.
+    let records = d.audit_records();
+    for agent in ["first", "second"] {
+        let kills: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["agent"] == agent && r["kind"] == "kill")
+            .collect();
+        assert_eq!(kills.len(), 1, "{agent}");
+        assert_eq!(kills[0]["details"]["direct"], true, "{}", kills[0]);
+        assert_eq!(kills[0]["profile"], "plain", "{}", kills[0]);
+    }
 }
 
 #[test]

@@ -145,6 +145,19 @@ pub fn save(daemon: &Daemon, agent: &AgentState, live: &Live) {
     }
 }
 
+/// Who the agent named `name` is, from its record (for `agentd kill --direct`, which has
+/// no daemon to ask).
+pub fn recorded_subject(config: &Config, name: &str) -> crate::audit::Subject {
+    let record: Option<Record> = fs::read(record_path(&records_dir(config), name))
+        .ok()
+        .and_then(|t| serde_json::from_slice(&t).ok());
+    crate::audit::Subject {
+        agent: Some(name.to_string()),
+        profile: record.as_ref().map(|r| r.policy.profile.clone()),
+        version: record.map(|r| r.policy.version.to_string()),
+    }
+}
+
 /// Forgets the record of an agent that ended.
 pub fn remove(daemon: &Daemon, name: &str) {
     let _ = fs::remove_file(record_path(&records_dir(&daemon.config), name));

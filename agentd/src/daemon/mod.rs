@@ -11,7 +11,7 @@
 //! Peers are identified by SO_PEERCRED and by their cgroup: a process below the agent root
 //! is that agent, whatever its uid or groups.
 
-mod adopt;
+pub(crate) mod adopt;
 mod agents;
 mod dns;
 mod peer;

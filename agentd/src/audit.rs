@@ -270,9 +270,95 @@ impl AuditLog {
         sync: bool,
     ) -> Result<Value> {
         self.lock()?;
-        let written = self.write_locked(time, subject, kind, details, sync);
+        let written = self
+            .take_pending()
+            .and_then(|()| self.write_locked(time, subject, kind, details, sync));
         self.unlock();
         written
+    }
+
+    /// Where a writer that cannot get the lock (a daemon stopped while it holds it) leaves
+    /// its records: the next writer that holds the lock moves them into the chain.
+    pub fn pending_path(&self) -> PathBuf {
+        PathBuf::from(format!("{}.pending", self.path.display()))
+    }
+
+    /// [`AuditLog::append`], or, if the lock cannot be had in time, the record on disk in
+    /// the pending file (synced), to join the chain with the next record written. Returns
+    /// whether it had to wait there.
+    pub fn append_or_leave(
+        &mut self,
+        subject: &Subject,
+        kind: &str,
+        details: Value,
+    ) -> Result<bool> {
+        match self.append(subject, kind, details.clone(), true) {
+            Ok(_) => Ok(false),
+            Err(locked) if format!("{locked:#}").contains("another writer holds it") => {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let pending = self.pending_path();
+                let line = json!({
+                    "time": rfc3339(SystemTime::now()),
+                    "agent": subject.agent,
+                    "profile": subject.profile,
+                    "version": subject.version,
+                    "kind": kind,
+                    "details": details,
+                });
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o640)
+                    .open(&pending)
+                    .with_context(|| format!("opening {}", pending.display()))?;
+                f.write_all(format!("{line}\n").as_bytes())
+                    .and_then(|()| f.sync_data())
+                    .with_context(|| format!("writing {}", pending.display()))?;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves records left in the pending file into the chain (under the lock), each with
+    /// the time it was left there.
+    fn take_pending(&mut self) -> Result<()> {
+        let pending = self.pending_path();
+        let Ok(text) = fs::read_to_string(&pending) else {
+            return Ok(());
+        };
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                // Kept as text: a record is never dropped.
+                self.write_locked(
+                    SystemTime::now(),
+                    &Subject::daemon(),
+                    "pending_unreadable",
+                    json!({"line": line}),
+                    false,
+                )?;
+                continue;
+            };
+            let subject = Subject {
+                agent: v["agent"].as_str().map(str::to_string),
+                profile: v["profile"].as_str().map(str::to_string),
+                version: v["version"].as_str().map(str::to_string),
+            };
+            let mut details = v["details"].clone();
+            if let Some(o) = details.as_object_mut() {
+                o.insert("left_pending_at".into(), v["time"].clone());
+            }
+            self.write_locked(
+                SystemTime::now(),
+                &subject,
+                v["kind"].as_str().unwrap_or("pending"),
+                details,
+                false,
+            )?;
+        }
+        self.file.sync_data()?;
+        fs::remove_file(&pending).with_context(|| format!("removing {}", pending.display()))?;
+        Ok(())
     }
 
     fn write_locked(
@@ -600,6 +686,45 @@ mod tests {
         let v = verify(&files).unwrap();
         assert!(v.ok, "{v:?}");
         assert_eq!((v.records, v.last_seq), (30, Some(30)));
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_record_left_pending_joins_the_chain_with_the_next_one() {
+        use std::os::fd::AsRawFd as _;
+        let d = dir("pending");
+        let path = d.join("audit.jsonl");
+        let mut holder = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        holder
+            .append(&who("a"), "test", json!({"i": 0}), false)
+            .unwrap();
+        // Another writer holds the lock (as a daemon stopped mid-record would).
+        // SAFETY: flock on a descriptor the test owns.
+        assert_eq!(
+            unsafe { libc::flock(holder.file.as_raw_fd(), libc::LOCK_EX) },
+            0
+        );
+        let mut cli = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        let waited = cli
+            .append_or_leave(&who("b"), "kill", json!({"processes": 3}))
+            .unwrap();
+        assert!(waited, "left pending");
+        assert!(cli.pending_path().exists());
+        holder.unlock();
+        holder
+            .append(&who("a"), "test", json!({"i": 1}), false)
+            .unwrap();
+        assert!(!cli.pending_path().exists(), "moved into the chain");
+        let text = fs::read_to_string(&path).unwrap();
+        let kinds: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(kinds.len(), 3);
+        assert_eq!(kinds[1]["kind"], "kill");
+        assert_eq!(kinds[1]["agent"], "b");
+        assert!(kinds[1]["details"]["left_pending_at"].is_string());
+        assert!(verify(&[path]).unwrap().ok);
         let _ = fs::remove_dir_all(&d);
     }
 

@@ -555,10 +555,43 @@ mod tests {
                 .contains("a.toml:3:10: host_budgets.connects.action"),
             "{e}"
         );
-        let e = Config::parse("[metrics]\n", "a.toml")
+        let e = Config::parse("[metricz]\n", "a.toml")
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("a.toml:1:2: unknown field `metrics`"), "{e}");
+        assert!(e.starts_with("a.toml:1:2: unknown field `metricz`"), "{e}");
+        for (text, want) in [
+            (
+                "[daemon]\non_stop = \"later\"\n",
+                "daemon.on_stop: `later` is not",
+            ),
+            (
+                "[metrics]\nlisten = \"9464\"\n",
+                "metrics.listen: `9464` is not an address",
+            ),
+            (
+                "[audit]\nmax_bytes = 10\n",
+                "audit.max_bytes: 10 is out of range",
+            ),
+            (
+                "[audit]\npath = \"log\"\n",
+                "audit.path: `log` is not an absolute path",
+            ),
+        ] {
+            let e = Config::parse(text, "a.toml").unwrap_err().to_string();
+            assert!(
+                e.starts_with("a.toml:2:") && e.contains(want),
+                "{text}: {e}"
+            );
+        }
+        let c = Config::parse(
+            "[daemon]\non_stop = \"keep\"\n[metrics]\nlisten = \"off\"\n[audit]\nkeep = 3\n",
+            "a.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.on_stop, c.metrics_listen, c.audit_keep),
+            (OnStop::Keep, None, 3)
+        );
     }
 
     #[test]

@@ -247,13 +247,22 @@ pub fn audit_direct(config: &Config, outcomes: &mut [Outcome]) {
             Action::Freeze => "freeze",
             Action::Thaw => "thaw",
         };
-        if let Err(e) = log.append(&subject, kind, details, true) {
-            let note = format!("not written to the audit log: {e:#}");
-            o.error = Some(
-                o.error
-                    .take()
-                    .map_or(note.clone(), |e| format!("{e}; {note}")),
-            );
+        match log.append_or_leave(&subject, kind, details) {
+            Ok(false) => {}
+            Ok(true) => eprintln!(
+                "agentd: the audit log is locked by another writer (a stopped daemon?): the record of {} \
+                 is on disk in {} and joins the chain with the next record written",
+                o.agent,
+                log.pending_path().display()
+            ),
+            Err(e) => {
+                let note = format!("not written to the audit log: {e:#}");
+                o.error = Some(
+                    o.error
+                        .take()
+                        .map_or(note.clone(), |e| format!("{e}; {note}")),
+                );
+            }
         }
     }
 }

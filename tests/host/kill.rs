@@ -190,7 +190,7 @@ fn the_direct_path_works_with_the_daemon_stopped_and_with_it_killed() {
     let (out, v) = kill_json(&d, &["first"]);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    assert!(out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{stderr}{v}");
     assert!(
         stderr.contains("acting on the agent cgroups directly"),
         "{stderr}"

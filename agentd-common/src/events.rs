@@ -13,6 +13,9 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const EVENTS_BYTES: u32 = 1 << 20;
 /// Map `EVENTS_LOST`: per-CPU array of one `u64`, records dropped because `EVENTS` was full.
 pub const EVENTS_LOST_MAP: &str = "EVENTS_LOST";
+/// Map `DEBUG_LOG`: array of one `u32`, 1 while the programs' debug log (aya-log) is on
+/// (`agentd debug-log on`).
+pub const DEBUG_LOG_MAP: &str = "DEBUG_LOG";
 
 /// `EventHeader::kind`: a [`NetEvent`] follows.
 pub const EVENT_NET: u32 = 1;

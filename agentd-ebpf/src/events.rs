@@ -4,7 +4,7 @@ use agentd_common::events::{EVENTS_BYTES, EventHeader};
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
     macros::map,
-    maps::{PerCpuArray, RingBuf, ring_buf::RingBufEntry},
+    maps::{Array, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
 };
 
 /// Map `EVENTS`.
@@ -20,6 +20,20 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// - owner: programs increment; the daemon reads (sums over CPUs) and reports.
 #[map]
 static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Map `DEBUG_LOG`.
+/// - key: index 0 only; value: `u32`, 1 while the debug log is on, else 0
+/// - size: 1 entry
+/// - owner: the daemon writes (`agentd debug-log on|off`); programs read. Off by default:
+///   a program then pays one array lookup at the points where it could log.
+#[map]
+static DEBUG_LOG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// True while `agentd debug-log on`: the programs then write aya-log records.
+#[inline(always)]
+pub fn debug_log_on() -> bool {
+    DEBUG_LOG.get(0).is_some_and(|v| *v != 0)
+}
 
 /// A header for the current task.
 #[inline(always)]

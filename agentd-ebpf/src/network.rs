@@ -319,6 +319,16 @@ fn allowlist(sock_addr: *mut bpf_sock_addr, hook: u32, v6: bool, who: &mut u64) 
         protocol,
         sa.type_ as u16,
     );
+    if events::debug_log_on() {
+        aya_log_ebpf::debug!(
+            ctx,
+            "egress denied: agent {} hook {} port {} protocol {}",
+            id,
+            hook,
+            port,
+            protocol
+        );
+    }
     DENY
 }
 

@@ -136,11 +136,28 @@ fn last_record(path: &Path) -> Result<Option<Value>> {
 pub struct AuditLog {
     path: PathBuf,
     file: File,
+    /// `<path>.lock`: what writers flock (never the log itself, which rotates, and which a
+    /// reader could lock).
+    lock: File,
     size: u64,
     seq: u64,
     prev: String,
     max_bytes: u64,
     keep: u32,
+    /// A torn last line cut off by [`AuditLog::catch_up`], to be said in the next record.
+    pending_repair: Option<Vec<u8>>,
+}
+
+/// The bytes after the last newline of `path`, if it does not end with one.
+fn torn_tail(path: &Path) -> Result<Option<Vec<u8>>> {
+    let Ok(bytes) = fs::read(path) else {
+        return Ok(None);
+    };
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(None);
+    }
+    let start = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    Ok(Some(bytes[start..].to_vec()))
 }
 
 impl AuditLog {
@@ -151,21 +168,48 @@ impl AuditLog {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let file = Self::open_file(path)?;
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let lock = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&lock_path)
+                .with_context(|| format!("opening {}", lock_path.display()))?
+        };
         let mut log = AuditLog {
             path: path.to_path_buf(),
             file,
+            lock,
             size: 0,
             seq: 0,
             prev: GENESIS.to_string(),
             max_bytes: max_bytes.max(1024),
             keep: keep.max(1),
+            pending_repair: None,
         };
         log.catch_up()?;
         Ok(log)
     }
 
     /// Reads where the chain stands from the files (the last record written by anyone).
+    /// A last line cut short (a crash or a full disk in the middle of a write) is cut off,
+    /// and said so in a record, so that the chain goes on from the last whole record.
     fn catch_up(&mut self) -> Result<()> {
+        let torn = torn_tail(&self.path)?;
+        if let Some(bytes) = torn {
+            let keep = fs::metadata(&self.path)?.len() - bytes.len() as u64;
+            OpenOptions::new()
+                .write(true)
+                .open(&self.path)?
+                .set_len(keep)
+                .with_context(|| {
+                    format!("cutting the torn last line of {}", self.path.display())
+                })?;
+            self.pending_repair = Some(bytes);
+        }
         let mut last = None;
         for f in files_of(&self.path).iter().rev() {
             if let Some(v) = last_record(f)? {
@@ -184,50 +228,44 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Takes the log's lock (flock on the current file: the daemon and `agentd kill
-    /// --direct` may both write) and makes sure this writer goes on from the last record,
-    /// whoever wrote it: another writer may have appended or rotated meanwhile.
+    /// Takes the log's lock (the daemon and `agentd kill --direct` may both write) and makes
+    /// sure this writer goes on from the last record, whoever wrote it: another writer may
+    /// have appended or rotated meanwhile.
     fn lock(&mut self) -> Result<()> {
         use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
-        loop {
-            // Bounded: a writer stopped while it holds the lock (a daemon under SIGSTOP)
-            // must not hang `agentd kill --direct`.
-            let deadline = Instant::now() + LOCK_TIMEOUT;
-            // SAFETY: flock on a descriptor we own.
-            while unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0
-            {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EWOULDBLOCK) || Instant::now() >= deadline {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "locking the audit log {} (another writer holds it)",
-                            self.path.display()
-                        )
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(5));
+        // Bounded: a writer stopped while it holds the lock (a daemon under SIGSTOP) must
+        // not hang `agentd kill --direct`.
+        let deadline = Instant::now() + LOCK_TIMEOUT;
+        // SAFETY: flock on a descriptor we own.
+        while unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) || Instant::now() >= deadline {
+                return Err(e).with_context(|| {
+                    format!(
+                        "locking the audit log {} (another writer holds it)",
+                        self.path.display()
+                    )
+                });
             }
-            let ours = self.file.metadata()?;
-            match fs::metadata(&self.path) {
-                Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => {
-                    if ours.len() != self.size {
-                        self.catch_up()?;
-                    }
-                    return Ok(());
-                }
-                // Rotated by another writer: lock the new current file.
-                _ => {
-                    self.file = Self::open_file(&self.path)?;
-                    self.catch_up()?;
-                }
-            }
+            std::thread::sleep(Duration::from_millis(5));
         }
+        let ours = self.file.metadata()?;
+        let current =
+            fs::metadata(&self.path).is_ok_and(|m| m.ino() == ours.ino() && m.dev() == ours.dev());
+        if !current {
+            // Rotated by another writer.
+            self.file = Self::open_file(&self.path)?;
+            self.catch_up()?;
+        } else if ours.len() != self.size {
+            self.catch_up()?;
+        }
+        Ok(())
     }
 
     fn unlock(&self) {
         use std::os::fd::AsRawFd as _;
         // SAFETY: flock on a descriptor we own.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
     }
 
     fn open_file(path: &Path) -> Result<File> {
@@ -272,6 +310,7 @@ impl AuditLog {
         self.lock()?;
         let written = self
             .take_pending()
+            .and_then(|()| self.note_repair())
             .and_then(|()| self.write_locked(time, subject, kind, details, sync));
         self.unlock();
         written
@@ -318,6 +357,20 @@ impl AuditLog {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Says in the chain that a torn last line was cut off (and what it held).
+    fn note_repair(&mut self) -> Result<()> {
+        if let Some(bytes) = self.pending_repair.take() {
+            self.write_locked(
+                SystemTime::now(),
+                &Subject::daemon(),
+                "log_repaired",
+                json!({"cut": String::from_utf8_lossy(&bytes), "bytes": bytes.len()}),
+                true,
+            )?;
+        }
+        Ok(())
     }
 
     /// Moves records left in the pending file into the chain (under the lock), each with
@@ -416,15 +469,7 @@ impl AuditLog {
         }
         fs::rename(&self.path, numbered(1))
             .with_context(|| format!("rotating {}", self.path.display()))?;
-        // The old file stays locked until the append is done; a writer waiting on it finds
-        // it renamed and moves to the new one.
-        let old = std::mem::replace(&mut self.file, Self::open_file(&self.path)?);
-        {
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: flock on a descriptor we own.
-            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX) };
-        }
-        drop(old);
+        self.file = Self::open_file(&self.path)?;
         self.size = 0;
         Ok(())
     }
@@ -505,6 +550,17 @@ pub fn verify(files: &[PathBuf]) -> Result<Verdict> {
             ));
             break;
         };
+        if serde_json::to_string(v).ok().as_deref() != Some(lines[i].2.as_str()) {
+            verdict.problem = Some(fail(
+                Some(seq),
+                "changed",
+                format!(
+                    "record {seq} was changed: it is not written as agentd writes records \
+                     (spacing, key order, escapes or a repeated key)"
+                ),
+            ));
+            break;
+        }
         if hash_of(v) != hash {
             verdict.problem = Some(fail(
                 Some(seq),
@@ -701,7 +757,7 @@ mod tests {
         // Another writer holds the lock (as a daemon stopped mid-record would).
         // SAFETY: flock on a descriptor the test owns.
         assert_eq!(
-            unsafe { libc::flock(holder.file.as_raw_fd(), libc::LOCK_EX) },
+            unsafe { libc::flock(holder.lock.as_raw_fd(), libc::LOCK_EX) },
             0
         );
         let mut cli = AuditLog::open(&path, 1 << 20, 2).unwrap();
@@ -724,6 +780,60 @@ mod tests {
         assert_eq!(kinds[1]["kind"], "kill");
         assert_eq!(kinds[1]["agent"], "b");
         assert!(kinds[1]["details"]["left_pending_at"].is_string());
+        assert!(verify(&[path]).unwrap().ok);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_line_rewritten_to_the_same_value_is_a_change() {
+        let d = dir("canonical");
+        let path = d.join("audit.jsonl");
+        let mut log = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        for i in 0..3 {
+            log.append(&who("real"), "test", json!({"i": i}), false)
+                .unwrap();
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // A repeated key (the last one wins in serde_json: the value, and so the hash,
+        // are the same) and extra spacing.
+        for (n, changed) in [
+            lines[1].replacen("{", "{\"agent\":\"fake\",", 1),
+            lines[1].replacen(",", ", ", 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let f = d.join(format!("t{n}"));
+            fs::write(&f, format!("{}\n{changed}\n{}\n", lines[0], lines[2])).unwrap();
+            let v = verify(&[f]).unwrap();
+            let p = v.problem.expect("found");
+            assert_eq!((p.line, p.what.as_str()), (2, "changed"), "{}", p.message);
+        }
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_said() {
+        let d = dir("torn");
+        let path = d.join("audit.jsonl");
+        let mut log = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        log.append(&who("a"), "test", json!({"i": 0}), true)
+            .unwrap();
+        drop(log);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":2,\"ti").unwrap();
+        let mut log = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        log.append(&who("a"), "test", json!({"i": 1}), true)
+            .unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        let records: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[1]["kind"], "log_repaired");
+        assert_eq!(records[1]["details"]["cut"], "{\"seq\":2,\"ti");
         assert!(verify(&[path]).unwrap().ok);
         let _ = fs::remove_dir_all(&d);
     }

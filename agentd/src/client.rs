@@ -592,11 +592,26 @@ pub fn describe_record(r: &serde_json::Value) -> String {
         (Some(a), _, _) => a.to_string(),
         _ => "agentd".to_string(),
     };
+    // Paths, process and DNS names come from agents: no control character reaches the
+    // terminal.
+    let clean = |t: &str| -> String {
+        t.chars()
+            .flat_map(|c| {
+                if c.is_control() {
+                    c.escape_default().collect::<Vec<_>>()
+                } else {
+                    vec![c]
+                }
+            })
+            .collect()
+    };
     format!(
-        "{} #{:<6} {:<16} {who}: {text}",
+        "{} #{:<6} {:<16} {}: {}",
         r["time"].as_str().unwrap_or("-"),
         r["seq"],
-        r["kind"].as_str().unwrap_or("?"),
+        clean(r["kind"].as_str().unwrap_or("?")),
+        clean(&who),
+        clean(&text),
     )
 }
 
@@ -695,4 +710,19 @@ pub fn audit_verify(config: &Config, files: Vec<PathBuf>, json: bool) -> i32 {
         );
     }
     if verdict.ok { 0 } else { 1 }
+}
+
+/// `agentd debug-log on|off`.
+pub fn debug_log(config: &Config, on: bool) -> i32 {
+    match call(config, &Request::DebugLog { on }) {
+        Ok(Reply::DebugLog { on }) => {
+            println!(
+                "the kernel programs' debug log is {} (in the daemon's log)",
+                if on { "on" } else { "off" }
+            );
+            0
+        }
+        Ok(_) => EXIT_AGENTD,
+        Err(code) => code,
+    }
 }

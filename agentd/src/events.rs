@@ -390,6 +390,35 @@ pub fn lost(ebpf: &Ebpf) -> Result<u64> {
     Ok(counts.get(&0, 0)?.iter().sum())
 }
 
+/// Turns the programs' debug log (aya-log records) on or off (`agentd debug-log`).
+pub fn set_debug_log(ebpf: &mut Ebpf, on: bool) -> Result<()> {
+    let map = ebpf
+        .map_mut(agentd_common::events::DEBUG_LOG_MAP)
+        .context("the object has no DEBUG_LOG map")?;
+    let mut flag: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
+    flag.set(0, u32::from(on), 0).context("setting DEBUG_LOG")?;
+    Ok(())
+}
+
+/// Writes the programs' debug log records to the daemon's log, one line each.
+pub struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        eprintln!(
+            "agentd: kernel {}: {}",
+            record.level().as_str().to_lowercase(),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

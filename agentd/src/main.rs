@@ -163,6 +163,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Turn the kernel programs' debug log on or off (off at start). While on, programs
+    /// write a line to the daemon's log at each point where they log (egress denials).
+    ///
+    /// Examples:
+    ///   sudo agentd debug-log on
+    ///   sudo agentd debug-log off
+    #[command(verbatim_doc_comment)]
+    DebugLog {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Check the audit log.
     Audit {
         #[command(subcommand)]
@@ -484,6 +495,8 @@ fn main() -> ExitCode {
             |c| c,
             |config| client::events(&config, follow, agent, last, json),
         ),
+        Command::DebugLog { state } => load_config(cli.config.as_deref())
+            .map_or_else(|c| c, |config| client::debug_log(&config, state == "on")),
         Command::Audit {
             command: AuditCmd::Verify { files, json },
         } => load_config(cli.config.as_deref())

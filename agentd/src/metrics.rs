@@ -145,19 +145,37 @@ impl Metrics {
     }
 }
 
+/// Most scrapes served at once; more connections wait in the listen queue.
+const MAX_CONNECTIONS: usize = 16;
+/// A connection may take this long to send its request and this long in all.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves `GET /metrics` on `listener` until the task is dropped; `refresh` runs before
-/// each scrape (for values read from the kernel).
+/// each scrape (for values read from the kernel). Any local process can connect, so the
+/// daemon's descriptors and time are bounded: a few connections at once, each with a
+/// deadline.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     refresh: Arc<dyn Fn() + Send + Sync>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // Out of descriptors or similar: do not spin.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let (metrics, refresh) = (metrics.clone(), refresh.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (metrics, refresh) = (metrics.clone(), refresh.clone());
                 async move {
@@ -176,9 +194,12 @@ pub async fn serve(
                     Ok::<_, Infallible>(response.expect("a static response builds"))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
         });
     }
 }

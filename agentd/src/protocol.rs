@@ -30,6 +30,10 @@ pub enum Request {
         all: bool,
         action: crate::kill::Action,
     },
+    /// Turns the kernel programs' debug log on or off.
+    DebugLog {
+        on: bool,
+    },
     /// Audit records: up to `last` recent ones, then (with `follow`) each new one as it is
     /// written; only those of `agent` if given.
     Events {
@@ -196,6 +200,10 @@ pub enum Reply {
     },
     /// The recent records were all sent (`agentd events` without `--follow`).
     EventsEnd,
+    /// The kernel programs' debug log is now on or off.
+    DebugLog {
+        on: bool,
+    },
 }
 
 /// Exit status for a request refused for its policy, profile or flags.

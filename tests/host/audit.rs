@@ -493,3 +493,59 @@ fn events_follow_shows_a_denial_within_a_second() {
         "only the agent's records: {text}"
     );
 }
+
+/// The kernel programs' debug log (aya-log) is off at start and switched at run time.
+#[test]
+fn the_kernel_debug_log_is_off_until_switched_on() {
+    let d = TestDaemon::start(&[("plain", &profile(9, std::path::Path::new("/nonexistent")))]);
+    let kernel_lines = || {
+        d.log()
+            .matches("agentd: kernel debug: egress denied")
+            .count()
+    };
+    let denied_connect = |name: &str| {
+        d.run(&[
+            "--profile",
+            "plain",
+            "--name",
+            name,
+            "--",
+            &act(),
+            "connect",
+            "127.0.0.1:7",
+        ]);
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                !of(&d.audit_records(), name, "net_denied").is_empty()
+            }),
+            "the denial of {name} is recorded"
+        );
+    };
+    denied_connect("quiet");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(kernel_lines(), 0, "off by default:\n{}", d.log());
+    let out = d.agentd().args(["debug-log", "on"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    denied_connect("loud");
+    assert!(
+        wait_until(Duration::from_secs(3), || kernel_lines() == 1),
+        "one line for the denied connect:\n{}",
+        d.log()
+    );
+    let out = d.agentd().args(["debug-log", "off"]).output().unwrap();
+    assert!(out.status.success());
+    denied_connect("quiet-again");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(kernel_lines(), 1, "off again:\n{}", d.log());
+    let switches: Vec<Value> = d
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "debug_log")
+        .map(|r| r["details"]["on"].clone())
+        .collect();
+    assert_eq!(switches, vec![Value::Bool(true), Value::Bool(false)]);
+}

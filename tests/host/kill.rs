@@ -254,8 +254,8 @@ fn sigusr1_to_the_daemon_kills_every_agent() {
 }
 
 /// An agent (root, the strongest there is, on this host without BPF LSM) cannot kill,
-/// stop or ptrace the daemon, write its own cgroup's files, or remove or rename agentd's
-/// pins and records.
+/// stop or ptrace the daemon, write its own cgroup's files, remove or rename agentd's pins
+/// and records, or read the records and the audit log (nor so take the log's lock).
 #[test]
 fn an_agent_cannot_signal_or_trace_the_daemon_or_undo_its_containment() {
     let d = TestDaemon::start(&[("plain", PLAIN)]);
@@ -270,7 +270,10 @@ fn an_agent_cannot_signal_or_trace_the_daemon_or_undo_its_containment() {
          rm {links}/connect4; echo \"unpin rc=$?\"; \
          mv {links}/skb_egress {links}/gone; echo \"rename pin rc=$?\"; \
          rm {bpffs}/maps/AGENTS; echo \"unpin map rc=$?\"; \
-         rm {records}/hostile.json; echo \"record rc=$?\"",
+         rm {records}/hostile.json; echo \"record rc=$?\"; \
+         ls {records}; echo \"list records rc=$?\"; \
+         cat {audit}; echo \"read audit rc=$?\"; \
+         cat {audit}.lock; echo \"open audit lock rc=$?\"",
         pid = d.pid(),
         act = act(),
         cg = cg.display(),
@@ -278,6 +281,7 @@ fn an_agent_cannot_signal_or_trace_the_daemon_or_undo_its_containment() {
         links = links.display(),
         bpffs = d.bpffs.display(),
         records = d.dir.path().join("agents").display(),
+        audit = d.audit_path().display(),
     );
     let out = d.run(&[
         "--profile",
@@ -302,7 +306,11 @@ fn an_agent_cannot_signal_or_trace_the_daemon_or_undo_its_containment() {
         "unpin",
         "rename pin",
         "unpin map",
+        // (The record exists while the agent runs: it is written before the spawn.)
         "record",
+        "list records",
+        "read audit",
+        "open audit lock",
     ] {
         assert!(
             text.contains(&format!("{what} rc=1")) || text.contains(&format!("{what} rc=2")),

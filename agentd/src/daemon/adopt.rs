@@ -76,6 +76,9 @@ pub struct Record {
     pub policy_id: u64,
     pub killed: bool,
     pub held: bool,
+    /// Its cgroup directory (under the agent root of the daemon that wrote the record).
+    #[serde(default)]
+    pub cgroup: PathBuf,
 }
 
 /// Where the records are kept.
@@ -95,9 +98,12 @@ fn record_path(dir: &Path, name: &str) -> PathBuf {
 pub fn prepare_dir(config: &Config) -> Result<PathBuf> {
     let dir = records_dir(config);
     if !dir.is_dir() {
+        if let Some(parent) = dir.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        // Only the records directory itself is root's alone (not the socket directory).
         fs::DirBuilder::new()
             .mode(0o700)
-            .recursive(true)
             .create(&dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -128,6 +134,7 @@ pub fn save(daemon: &Daemon, agent: &AgentState, live: &Live) {
         policy_id: live.policy_id,
         killed: agent.killed.load(SeqCst),
         held: agent.held.load(SeqCst),
+        cgroup: agent.cgroup_path.clone(),
     };
     let dir = records_dir(&daemon.config);
     let path = record_path(&dir, &agent.name);
@@ -196,6 +203,17 @@ pub fn plan(config: &Config, root: &Path, leftovers: &[String]) -> Result<Vec<Re
             .position(|(_, r)| r.name == *name && r.id == id)
         {
             Some(i) => adopted.push(records.swap_remove(i).1),
+            // Empty and without a record (a daemon died between creating it and recording
+            // the agent): nothing runs there, it goes.
+            None if !fs::read_to_string(cgroup.join("cgroup.events"))
+                .is_ok_and(|t| t.contains("populated 1"))
+                && fs::remove_dir(&cgroup).is_ok() =>
+            {
+                eprintln!(
+                    "agentd: removed the empty cgroup {} (no record)",
+                    cgroup.display()
+                );
+            }
             None => unknown.push(name.clone()),
         }
     }
@@ -209,6 +227,25 @@ pub fn plan(config: &Config, root: &Path, leftovers: &[String]) -> Result<Vec<Re
             unknown.join(", "),
             dir.display(),
             root.display()
+        );
+    }
+    // A record whose cgroup still exists elsewhere: an earlier daemon ran with another
+    // agent root (a changed cgroup_root, or systemd's root after a manual start). Its
+    // agents still run, contained by the pins this daemon would otherwise remove.
+    let elsewhere: Vec<&Record> = records
+        .iter()
+        .map(|(_, r)| r)
+        .filter(|r| r.cgroup.is_dir() && !r.cgroup.starts_with(root))
+        .collect();
+    if let Some(r) = elsewhere.first() {
+        bail!(
+            "agent {} of an earlier daemon still runs under another agent root ({}); this daemon's \
+             root is {}: start it with that cgroup_root to adopt the agents, or end them with \
+             `agentd kill --all --direct` (it finds them by the record {}) first",
+            r.name,
+            r.cgroup.parent().unwrap_or(Path::new("?")).display(),
+            root.display(),
+            dir.display()
         );
     }
     for (path, r) in records {
@@ -325,6 +362,8 @@ fn adopt_one(daemon: &Arc<Daemon>, r: Record) -> Result<Arc<AgentState>> {
         policy_id: r.policy_id,
         learned: Default::default(),
     };
+    // What this daemon's configuration protects (its audit log may be elsewhere).
+    agents::protect(daemon, &mut live.policy);
     // Under a fresh policy id: the rules of the old one, with its learned addresses, go.
     agents::sync_kernel(daemon, &state, &mut live, true)?;
     *state.live.locked() = live;
@@ -334,10 +373,15 @@ fn adopt_one(daemon: &Arc<Daemon>, r: Record) -> Result<Arc<AgentState>> {
         .locked()
         .insert(state.name.clone(), state.clone());
     *state.resolver.locked() = Some(dns::start(daemon.clone(), state.clone(), sockets, slot));
-    if frozen && !r.held {
-        // A throttle's freeze whose thaw died with the old daemon (its buckets are full
-        // again now).
-        let _ = fs::write(state.cgroup_path.join("cgroup.freeze"), "0");
+    if frozen {
+        // Frozen by the kill switch (perhaps `--direct`, which the record does not know
+        // of) or by a throttle whose thaw died with the old daemon: it stays frozen until
+        // an operator says otherwise.
+        state.held.store(true, SeqCst);
+        eprintln!(
+            "agentd: agent {} is frozen; `agentd thaw {}` lets it run, `agentd kill {}` ends it",
+            state.name, state.name, state.name
+        );
     }
     Ok(state)
 }

@@ -467,13 +467,25 @@ fn effective(daemon: &Daemon, requested: &Policy, parent: Option<&AgentState>) -
     // An agent can only keep capabilities the daemon itself has.
     let available = crate::caps::permitted();
     policy.capabilities.retain(|c| available & (1 << c) != 0);
-    // agentd's own files, bpffs and the cgroup file systems are never writable.
+    protect(daemon, &mut policy);
+    policy
+}
+
+/// What no profile can allow: agentd's own files, bpffs and the cgroup file systems are
+/// never writable; the audit log and the agents' records are not readable either.
+pub(super) fn protect(daemon: &Daemon, policy: &mut Policy) {
     for p in &daemon.protected {
         policy
             .files
             .add(&crate::policy::real_path(p), 0, ACCESS_WRITE);
     }
-    policy
+    for p in &daemon.hidden {
+        policy.files.add(
+            &crate::policy::real_path(p),
+            0,
+            agentd_common::files::ACCESS_ALL,
+        );
+    }
 }
 
 fn prepare(

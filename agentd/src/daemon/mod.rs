@@ -71,6 +71,9 @@ pub struct Daemon {
     /// Paths no agent may write, whatever its profile says (agentd's own files, bpffs,
     /// the cgroup file system).
     pub protected: Vec<PathBuf>,
+    /// Paths no agent may read or write: the audit log's directory (its lock file) and the
+    /// agents' records.
+    pub hidden: Vec<PathBuf>,
     /// The Landlock path's denial reporter, attached while agents run.
     pub reporter: Mutex<Option<aya::programs::raw_trace_point::RawTracePointLinkId>>,
     /// Why rate budgets cannot be enforced here, if they cannot (the `sys_enter` program
@@ -244,6 +247,12 @@ pub async fn run(config: Config) -> Result<()> {
             bail!("another agentd daemon is listening on {}", path.display());
         }
     }
+    // Descriptors for many agents (cgroups, resolvers, pidfds) and connections; agents
+    // could raise their soft limit to the hard one themselves, so nothing is given away.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
     secure_tmp_base(&config.tmp_dir)?;
     let mount = cgroup::cgroup2_mount()?;
     let root_path = agent_root_path(&config, &mount);
@@ -289,7 +298,27 @@ pub async fn run(config: Config) -> Result<()> {
     crate::network::attach(&mut kernel, &root_file, Some(&pins))
         .context("attaching the egress programs")?;
     let reader = EventReader::take(&mut kernel)?;
+    // The programs' debug log (aya-log): read always, written by the programs only while
+    // `agentd debug-log on`.
+    let kernel_log =
+        match aya_log::EbpfLogger::init_with_logger(&mut kernel, crate::events::KernelLog) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("agentd: the kernel programs' debug log is not available: {e}");
+                None
+            }
+        };
     let file_enforcers = file_enforcers(&mut kernel, &config, &pins);
+    if adopting && !file_enforcers.lsm && pins.link_path("file_open").exists() {
+        // The running agents' file rules are enforced by the pinned BPF LSM programs,
+        // which read rules this daemon would not write: their deny rules would be lost.
+        bail!(
+            "the running agents' file rules are enforced with BPF LSM, which this daemon does not \
+             use ({}); start it with BPF LSM (files.enforcers) to adopt them, or end them with \
+             `agentd kill --all --direct` first",
+            file_enforcers.describe()
+        );
+    }
     let budgets_unusable = crate::budgets::load(&mut kernel)
         .err()
         .map(|e| format!("{e:#}"));
@@ -323,6 +352,13 @@ pub async fn run(config: Config) -> Result<()> {
         },
     ];
     let protected = protected_paths(&config, &mount);
+    let hidden: Vec<PathBuf> = config
+        .audit_path
+        .parent()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain([adopt::records_dir(&config)])
+        .collect();
     let upstream = match &config.dns_upstream {
         Some(list) => list.clone(),
         None => crate::network::resolver::upstream_from_resolv_conf(
@@ -352,8 +388,16 @@ pub async fn run(config: Config) -> Result<()> {
     )
     .with_context(|| format!("audit.path {}", config.audit_path.display()))?;
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
+    // Not fatal: any local process could hold the port, and containment does not depend
+    // on metrics.
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        Some(addr) => match crate::metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("agentd: {e:#}: no metrics");
+                None
+            }
+        },
         None => None,
     };
     let control = claim_socket(&config.socket).await?;
@@ -380,6 +424,7 @@ pub async fn run(config: Config) -> Result<()> {
         upstream,
         file_enforcers,
         protected,
+        hidden,
         reporter: Mutex::new(None),
         budgets_unusable,
         budget_hook: Mutex::new(None),
@@ -405,13 +450,29 @@ pub async fn run(config: Config) -> Result<()> {
         // Blocking work (map updates, cgroup files) off the async threads.
         tokio::task::block_in_place(move || adopt::adopt(&d, records));
     }
-    // Started: from now on a clean stop kills the agents and removes the root and pins.
-    pins.remove_on_drop = true;
     let root_dir = match root_dir {
         Some(d) => d,
         None => CgroupDir::adopt(&root_path)?,
     };
     let events_task = tokio::spawn(pump_events(daemon.clone(), reader));
+    let log_task = kernel_log.map(|logger| {
+        tokio::spawn(async move {
+            // SAFETY: the logger owns its ring buffer's descriptor for as long as the AsyncFd
+            // owns the logger.
+            let Ok(mut fd) =
+                (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
+            else {
+                return;
+            };
+            loop {
+                let Ok(mut guard) = fd.readable_mut().await else {
+                    return;
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        })
+    });
     let expiry_task = {
         let daemon = daemon.clone();
         tokio::spawn(async move {
@@ -422,6 +483,7 @@ pub async fn run(config: Config) -> Result<()> {
                 let _ = tokio::task::spawn_blocking(move || {
                     agents::expire(&d);
                     d.flush_aggregated(false);
+                    d.note_lost();
                 })
                 .await;
             }
@@ -479,6 +541,8 @@ pub async fn run(config: Config) -> Result<()> {
         daemon.config.launch_socket.display()
     );
     notify_ready();
+    // Started: from now on a clean stop kills the agents and removes the root and pins.
+    pins.remove_on_drop = true;
     loop {
         tokio::select! {
             conn = control.accept() => {
@@ -505,7 +569,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
     events_task.abort();
     expiry_task.abort();
-    if let Some(t) = metrics_task {
+    for t in [metrics_task, log_task].into_iter().flatten() {
         t.abort();
     }
     let all: Vec<Arc<AgentState>> = daemon.agents.locked().values().cloned().collect();

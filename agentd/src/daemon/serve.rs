@@ -231,6 +231,28 @@ pub async fn serve(daemon: Arc<Daemon>, mut stream: UnixStream, socket: Socket) 
                 },
             }
         }
+        (Request::DebugLog { on }, Socket::Control) => {
+            let set = crate::events::set_debug_log(&mut daemon.kernel.locked(), on);
+            match set {
+                Ok(()) => {
+                    let _ = daemon.audit(
+                        &crate::audit::Subject::daemon(),
+                        "debug_log",
+                        serde_json::json!({"on": on}),
+                        false,
+                    );
+                    eprintln!(
+                        "agentd: the kernel programs' debug log is {}",
+                        if on { "on" } else { "off" }
+                    );
+                    Reply::DebugLog { on }
+                }
+                Err(e) => Reply::Error {
+                    message: format!("{e:#}"),
+                    exit_code: EXIT_AGENTD,
+                },
+            }
+        }
         (Request::Update(req), Socket::Control) => {
             let d = daemon.clone();
             match tokio::task::spawn_blocking(move || agents::update(&d, &req)).await {

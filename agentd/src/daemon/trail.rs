@@ -27,6 +27,8 @@ pub struct Trail {
     pub feed: tokio::sync::broadcast::Sender<Value>,
     /// Agents that ended, by id: kernel events may arrive after their teardown.
     ended: Mutex<HashMap<u64, (Subject, Instant)>>,
+    /// The kernel's count of dropped records when last looked at.
+    lost_seen: std::sync::atomic::AtomicU64,
 }
 
 impl Trail {
@@ -37,6 +39,7 @@ impl Trail {
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             feed: tokio::sync::broadcast::channel(4096).0,
             ended: Mutex::new(HashMap::new()),
+            lost_seen: 0.into(),
         }
     }
 }
@@ -55,8 +58,9 @@ impl Daemon {
     /// Writes one record (with `sync`, on disk before this returns), shows it to
     /// followers. An error is logged and returned.
     pub fn audit(&self, subject: &Subject, kind: &str, details: Value, sync: bool) -> Result<()> {
-        let written = self.trail.log.locked().append(subject, kind, details, sync);
-        match written {
+        // Published while the log is held: followers see records in their order.
+        let mut log = self.trail.log.locked();
+        match log.append(subject, kind, details, sync) {
             Ok(record) => {
                 self.metrics.audit_records.inc();
                 let mut recent = self.trail.recent.locked();
@@ -108,6 +112,24 @@ impl Daemon {
             .aggregator
             .locked()
             .add(&subject(a), kind, destination);
+    }
+
+    /// Says in the log when the kernel dropped records (the ring buffer was full): what is
+    /// missing is then known to be missing.
+    pub fn note_lost(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Ok(total) = crate::events::lost(&self.kernel.locked()) else {
+            return;
+        };
+        let seen = self.trail.lost_seen.swap(total, Relaxed);
+        if total > seen {
+            let _ = self.audit(
+                &Subject::daemon(),
+                "events_lost",
+                serde_json::json!({"lost": total - seen, "total": total}),
+                false,
+            );
+        }
     }
 
     /// Writes the aggregated records of the interval, if it is over (or `force`).

@@ -40,6 +40,25 @@ fn of<'a>(records: &'a [Value], agent: &str, kind: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// `agentd run --profile PROFILE --name NAME -- /bin/sh -c SCRIPT`, which must succeed.
+fn sh(d: &TestDaemon, profile: &str, name: &str, script: &str) {
+    let out = d.run(&[
+        "--profile",
+        profile,
+        "--name",
+        name,
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn secret_file(dir: &TempDir) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
     let secret = dir.write("secret", "s3cret");
@@ -61,21 +80,7 @@ fn every_denial_and_kill_is_in_the_audit_log_once_and_in_the_metrics() {
         "{act} connect {dn}; {act} connect {dn}; {act} open {s} read; {act} connect {a}",
         s = secret.display()
     );
-    let out = d.run(&[
-        "--profile",
-        "plain",
-        "--name",
-        "auditee",
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sh(&d, "plain", "auditee", &script);
     // The agent's end is recorded by its teardown; its denials come from the kernel
     // through the ring buffer: wait for both.
     let secret_path = secret.display().to_string();
@@ -202,16 +207,7 @@ fn audit_verify_passes_a_real_log_and_pinpoints_a_changed_byte_a_deleted_line_an
         s = secret.display()
     );
     for name in ["one", "two", "three"] {
-        d.run(&[
-            "--profile",
-            "plain",
-            "--name",
-            name,
-            "--",
-            "/bin/sh",
-            "-c",
-            &script,
-        ]);
+        sh(&d, "plain", name, &script);
     }
     assert!(wait_until(Duration::from_secs(5), || d
         .audit_records()
@@ -302,32 +298,14 @@ fn the_chain_survives_rotation_and_a_daemon_restart() {
         "for i in 1 2 3 4 5 6 7 8; do {a} connect 127.0.0.1:7; done",
         a = act()
     );
-    d.run(&[
-        "--profile",
-        "plain",
-        "--name",
-        "before",
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]);
+    sh(&d, "plain", "before", &script);
     assert!(wait_until(Duration::from_secs(5), || {
         of(&d.audit_records(), "before", "agent_ended").len() == 1
     }));
     // SAFETY: signals our own child.
     unsafe { libc::kill(d.pid() as i32, libc::SIGTERM) };
     d.restart().expect("the daemon starts again");
-    d.run(&[
-        "--profile",
-        "plain",
-        "--name",
-        "after",
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]);
+    sh(&d, "plain", "after", &script);
     assert!(wait_until(Duration::from_secs(5), || {
         of(&d.audit_records(), "after", "agent_ended").len() == 1
     }));
@@ -375,21 +353,7 @@ fn allowed_dns_answers_are_aggregated_and_every_refusal_is_kept() {
         a = act()
     );
     let start = Instant::now();
-    let out = d.run(&[
-        "--profile",
-        "dns",
-        "--name",
-        "asker",
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sh(&d, "dns", "asker", &script);
     let took = start.elapsed();
     let answered = |records: &[Value]| -> u64 {
         of(records, "asker", "dns_answered")

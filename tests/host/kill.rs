@@ -555,3 +555,38 @@ fn a_second_daemon_leaves_the_running_one_alone() {
     assert!(out.status.success(), "{v}");
     let _ = client.wait();
 }
+
+/// An agent frozen with `--direct` (which the daemon's record does not know of) stays
+/// frozen when a restarted daemon adopts it, until `agentd thaw`.
+#[test]
+fn an_adopted_frozen_agent_stays_frozen_until_thawed() {
+    let mut d = TestDaemon::start(&[("plain", PLAIN)]);
+    let (mut client, _) = start(&d, "iced", &[&act(), "sleep", "600"]);
+    let (out, v) = kill_json(&d, &["iced", "--freeze", "--direct"]);
+    assert!(out.status.success(), "{v}");
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    d.restart().expect("the daemon adopts the frozen agent");
+    let frozen = || {
+        std::fs::read_to_string(d.root.join("iced/cgroup.events"))
+            .unwrap()
+            .contains("frozen 1")
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(frozen(), "still frozen after the adoption:\n{}", d.log());
+    assert!(d.log().contains("agent iced is frozen"), "{}", d.log());
+    let out = d
+        .agentd()
+        .args(["thaw", "iced", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wait_until(Duration::from_secs(5), || !frozen()));
+    let (out, v) = kill_json(&d, &["iced"]);
+    assert!(out.status.success(), "{v}");
+    let _ = client.wait();
+}

@@ -678,11 +678,27 @@ impl Aggregator {
 mod tests {
     use super::*;
 
-    fn dir(tag: &str) -> PathBuf {
+    /// A directory of the test's own, removed when the test ends (also when it fails).
+    struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(tag: &str) -> Scratch {
         let d = std::env::temp_dir().join(format!("agentd-audit-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
-        d
+        Scratch(d)
     }
 
     fn who(a: &str) -> Subject {
@@ -724,7 +740,6 @@ mod tests {
             (v.records, v.first_seq, v.last_seq),
             (41, Some(1), Some(41))
         );
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -742,7 +757,6 @@ mod tests {
         let v = verify(&files).unwrap();
         assert!(v.ok, "{v:?}");
         assert_eq!((v.records, v.last_seq), (30, Some(30)));
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -781,7 +795,6 @@ mod tests {
         assert_eq!(kinds[1]["agent"], "b");
         assert!(kinds[1]["details"]["left_pending_at"].is_string());
         assert!(verify(&[path]).unwrap().ok);
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -810,7 +823,6 @@ mod tests {
             let p = v.problem.expect("found");
             assert_eq!((p.line, p.what.as_str()), (2, "changed"), "{}", p.message);
         }
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -835,7 +847,6 @@ mod tests {
         assert_eq!(records[1]["kind"], "log_repaired");
         assert_eq!(records[1]["details"]["cut"], "{\"seq\":2,\"ti");
         assert!(verify(&[path]).unwrap().ok);
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -856,7 +867,6 @@ mod tests {
         }
         let v = verify(&[path]).unwrap();
         assert!(v.ok, "{v:?}");
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -909,7 +919,6 @@ mod tests {
         let kept = records.iter().filter(|r| r["kind"] == "net_denied").count();
         assert_eq!(kept, denials, "every denial is kept");
         assert!(verify(&[path]).unwrap().ok);
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]

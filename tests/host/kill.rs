@@ -536,7 +536,7 @@ fn a_second_daemon_leaves_the_running_one_alone() {
         let out = d.agentd().arg("daemon").output().unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(err.contains("another agentd daemon is listening"), "{err}");
+        assert!(err.contains("another agentd daemon is running"), "{err}");
     };
     // Without agents, and with one.
     let before = id(&link).unwrap();

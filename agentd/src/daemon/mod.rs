@@ -222,6 +222,29 @@ async fn claim_socket(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))
 }
 
+/// Takes `<socket dir>/agents/daemon.lock` (flock, released when the process ends), or
+/// says that another daemon holds it. It lives with the records, where agents cannot
+/// reach it (they could otherwise take it while no daemon runs).
+fn hold_daemon_lock(config: &Config) -> Result<fs::File> {
+    use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
+    let path = adopt::prepare_dir(config)?.join("daemon.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another agentd daemon is running (it holds {}); stop it first",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
 /// Tells systemd (Type=notify) that the daemon is ready, if it runs under systemd.
 fn notify_ready() {
     let Some(sock) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -241,7 +264,10 @@ pub async fn run(config: Config) -> Result<()> {
         bail!("the daemon loads BPF programs and manages cgroups: run it as root");
     }
     // Before anything is touched: a second daemon must not adopt, sweep or unpin what
-    // the running one holds.
+    // the running one holds. The lock is held for the daemon's whole life (two started at
+    // the same moment cannot both pass), and a daemon that answers on the sockets is
+    // another one even if it runs without this lock (an older build).
+    let _running = hold_daemon_lock(&config)?;
     for path in [&config.socket, &config.launch_socket] {
         if UnixStream::connect(path).await.is_ok() {
             bail!("another agentd daemon is listening on {}", path.display());

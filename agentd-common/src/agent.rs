@@ -47,4 +47,6 @@ pub mod globals {
     pub const AGENT_ROOT_ID: &str = "AGENT_ROOT_ID";
     /// `u32`: level of the agent root cgroup (the cgroup2 root is level 0).
     pub const AGENT_ROOT_LEVEL: &str = "AGENT_ROOT_LEVEL";
+    /// `u16`: the port of the daemon's metrics listener (0: none), which no agent may bind.
+    pub const METRICS_PORT: &str = "METRICS_PORT";
 }

@@ -56,6 +56,9 @@ pub const HOOK_SYS_ENTER: u32 = 22;
 pub const HOOK_TASK_ALLOC: u32 = 23;
 /// A process creation answered by the daemon (seccomp user notification, `budgets`).
 pub const HOOK_SECCOMP_NOTIFY: u32 = 24;
+/// cgroup `bind4`/`bind6`: an agent binding agentd's resolver addresses or metrics port.
+pub const HOOK_BIND4: u32 = 25;
+pub const HOOK_BIND6: u32 = 26;
 
 /// `EventHeader::verdict`: the operation was refused.
 pub const VERDICT_DENY: u32 = 1;

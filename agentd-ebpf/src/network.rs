@@ -19,8 +19,8 @@ use agentd_common::{
     agent::{AGENT_FLAG_AUDIT, AGENT_FLAG_KILLED, AgentEntry},
     budgets::{CLASS_CONNECTS, CLASS_EGRESS_BYTES},
     events::{
-        EVENT_NET, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS,
-        HOOK_SOCK_CREATE, NetEvent, VERDICT_AUDIT, VERDICT_DENY,
+        EVENT_NET, HOOK_BIND4, HOOK_BIND6, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4,
+        HOOK_SENDMSG6, HOOK_SKB_EGRESS, HOOK_SOCK_CREATE, NetEvent, VERDICT_AUDIT, VERDICT_DENY,
     },
     network::{
         DNS_PORT, Ipv4Target, Ipv6Target, MAX_DNS_SOCKETS, MAX_NET_RULES, OrigDest,
@@ -404,6 +404,63 @@ fn restore(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     sa.user_port = u32::from(orig.port_be);
     ALLOW
+}
+
+/// Port of the daemon's metrics listener (0: none); set by the loader.
+#[unsafe(no_mangle)]
+static METRICS_PORT: u16 = 0;
+
+/// `bind`: an agent may not bind agentd's resolver addresses (127.53.0.0/16, any port),
+/// nor the daemon's metrics port on any address: while no daemon runs, such an agent
+/// could answer other agents' DNS queries or pose as agentd's /metrics, and a restarted
+/// daemon would find the address taken. Always enforced (also in audit mode): it guards
+/// agentd itself.
+#[inline(always)]
+fn bind_decision(ctx: &SockAddrContext, hook: u32, v6: bool) -> i32 {
+    // SAFETY: the context is valid for the run; these fields allow 4-byte reads.
+    let sa = unsafe { &*ctx.sock_addr };
+    let id = match agent::current() {
+        agent::Subject::Outside => return ALLOW,
+        agent::Subject::Unregistered { id } => id,
+        agent::Subject::Agent { id, .. } => id,
+    };
+    let port = u16::from_be(sa.user_port as u16);
+    let dest = if v6 {
+        Dest::from_v6(v6_bytes(&sa.user_ip6))
+    } else {
+        Dest::V4(sa.user_ip4.to_ne_bytes())
+    };
+    let resolver = matches!(dest, Dest::V4([127, 53, _, _]));
+    // SAFETY: a read-only global, set before the program was loaded.
+    let metrics_port = unsafe { core::ptr::read_volatile(&METRICS_PORT) };
+    if !resolver && (metrics_port == 0 || port != metrics_port) {
+        return ALLOW;
+    }
+    let protocol = if sa.type_ == SOCK_STREAM {
+        PROTO_TCP
+    } else {
+        PROTO_UDP
+    };
+    report(
+        id,
+        hook,
+        VERDICT_DENY,
+        dest,
+        port,
+        protocol,
+        sa.type_ as u16,
+    );
+    DENY
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn bind4(ctx: SockAddrContext) -> i32 {
+    bind_decision(&ctx, HOOK_BIND4, false)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn bind6(ctx: SockAddrContext) -> i32 {
+    bind_decision(&ctx, HOOK_BIND6, true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -197,6 +197,7 @@ pub fn run() -> Report {
             level: 0,
         }),
         offsets: offsets.and_then(Result::ok).unwrap_or_default(),
+        metrics_port: 0,
     };
     let mut loaded = match ebpf::load(&cfg) {
         Ok(e) => {
@@ -414,6 +415,7 @@ pub fn bpf_lsm_usable() -> bool {
             level: 0,
         },
         offsets: Default::default(),
+        metrics_port: 0,
     };
     let Ok(mut obj) = ebpf::load(&cfg) else {
         return false;

@@ -1,12 +1,12 @@
 //! The kernel object agentd carries inside its binary, and how it is loaded.
 //!
 //! Loading creates every map; each enforcement module then loads and attaches its own
-//! programs ([`crate::network::attach`], [`crate::files::attach`]). Three read-only
-//! globals are fixed at load time: the agent root cgroup's id and level, and the kernel
-//! struct offsets taken from BTF.
+//! programs ([`crate::network::attach`], [`crate::files::attach`]). Four read-only
+//! globals are fixed at load time: the agent root cgroup's id and level, the kernel
+//! struct offsets taken from BTF, and the metrics port no agent may bind.
 
 use agentd_common::{
-    agent::globals::{AGENT_ROOT_ID, AGENT_ROOT_LEVEL},
+    agent::globals::{AGENT_ROOT_ID, AGENT_ROOT_LEVEL, METRICS_PORT},
     files::{KERNEL_OFFSETS_GLOBAL, KernelOffsets},
 };
 use anyhow::{Context as _, Result, bail};
@@ -29,6 +29,8 @@ pub struct AgentRoot {
 pub struct LoadConfig {
     pub root: AgentRoot,
     pub offsets: KernelOffsets,
+    /// The daemon's metrics port, which no agent may bind (0: none).
+    pub metrics_port: u16,
 }
 
 /// The maps that hold agentd's state (agents, rules, buckets, events). With [`Pins`] they
@@ -65,7 +67,8 @@ pub fn load_with(cfg: &LoadConfig, pins: Option<&Pins>) -> Result<Ebpf> {
     loader
         .override_global(AGENT_ROOT_ID, &cfg.root.id, true)
         .override_global(AGENT_ROOT_LEVEL, &cfg.root.level, true)
-        .override_global(KERNEL_OFFSETS_GLOBAL, &cfg.offsets, true);
+        .override_global(KERNEL_OFFSETS_GLOBAL, &cfg.offsets, true)
+        .override_global(METRICS_PORT, &cfg.metrics_port, true);
     if let Some(pins) = pins {
         pins.check_maps()?;
         for name in STATE_MAPS {

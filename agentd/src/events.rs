@@ -106,6 +106,8 @@ pub fn hook(h: u32) -> &'static str {
         HOOK_SYS_ENTER => "sys_enter",
         HOOK_TASK_ALLOC => "task_alloc",
         HOOK_SECCOMP_NOTIFY => "seccomp_notify",
+        HOOK_BIND4 => "bind4",
+        HOOK_BIND6 => "bind6",
         _ => "unknown hook",
     }
 }
@@ -267,6 +269,7 @@ impl fmt::Display for Event {
                 let verb = match h.hook {
                     HOOK_SENDMSG4 | HOOK_SENDMSG6 => "send",
                     HOOK_SKB_EGRESS => "packet",
+                    HOOK_BIND4 | HOOK_BIND6 => "bind",
                     _ => "connect",
                 };
                 let dest = match net_addr(e) {

@@ -486,3 +486,64 @@ fn a_connection_made_before_a_policy_tightens_cannot_carry_more_data() {
         inspect["counters"]
     );
 }
+
+/// An agent cannot bind agentd's resolver addresses (127.53.0.0/16) or its metrics port
+/// (EPERM from `bind4`/`bind6`, with an event), while other binds work and processes
+/// outside agents are not concerned.
+#[test]
+fn an_agent_cannot_bind_agentds_resolver_addresses_or_metrics_port() {
+    let d = TestDaemon::start(&[(
+        "plain",
+        "name = \"plain\"\nversion = \"1.0.0\"\n[files]\ndefault = \"allow\"\n",
+    )]);
+    let metrics = d.metrics_addr();
+    let act = act();
+    let script = format!(
+        "{act} bind 127.53.200.1:10053 udp; {act} bind 127.53.0.9:4000 tcp; \
+         {act} bind 127.0.0.1:{p} tcp; {act} bind [::1]:{p} tcp; {act} bind 127.0.0.1:0 tcp",
+        p = metrics.port()
+    );
+    let out = d.run(&[
+        "--profile",
+        "plain",
+        "--name",
+        "binder",
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    for v in &lines[..4] {
+        assert_eq!(
+            (&v["ok"], &v["errno"]),
+            (&Value::Bool(false), &Value::from(libc::EPERM)),
+            "{text}"
+        );
+    }
+    assert_eq!(lines[4]["ok"], true, "another bind works: {text}");
+    // Outside agents: the resolver range is free to bind (the port is not the daemon's).
+    let outside = std::net::UdpSocket::bind("127.53.200.1:0");
+    assert!(outside.is_ok(), "{outside:?}");
+    assert!(
+        agentd_tests::wait_until(std::time::Duration::from_secs(5), || {
+            d.audit_records()
+                .iter()
+                .filter(|r| {
+                    r["agent"] == "binder"
+                        && r["kind"] == "net_denied"
+                        && r["details"]["text"]
+                            .as_str()
+                            .is_some_and(|t| t.starts_with("bind "))
+                })
+                .count()
+                == 4
+        }),
+        "each refused bind is recorded"
+    );
+}

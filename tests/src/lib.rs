@@ -115,6 +115,7 @@ impl TestRoot {
         LoadConfig {
             root: self.agent_root(),
             offsets,
+            metrics_port: 0,
         }
     }
 }

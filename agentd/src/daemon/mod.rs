@@ -315,11 +315,34 @@ pub async fn run(config: Config) -> Result<()> {
     let offsets = Btf::from_kernel()
         .and_then(|b| b.kernel_offsets())
         .unwrap_or_default();
+    // Not fatal: any local process could hold the port, and containment does not depend
+    // on metrics. Bound before the programs are loaded: they refuse agents that port.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => match crate::metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("agentd: {e:#}: no metrics");
+                None
+            }
+        },
+        None => None,
+    };
+    let metrics_port = metrics_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map_or(0, |a| a.port());
     // Without agents to adopt, stale pins contain nothing and go; with them, the pins
     // stay whatever happens until the start is done.
     let mut pins = crate::ebpf::Pins::open(&config.bpffs, adopting)?;
     pins.remove_on_drop = !adopting;
-    let mut kernel = ebpf::load_with(&LoadConfig { root, offsets }, Some(&pins))?;
+    let mut kernel = ebpf::load_with(
+        &LoadConfig {
+            root,
+            offsets,
+            metrics_port,
+        },
+        Some(&pins),
+    )?;
     let root_file = fs::File::open(&root_path)?;
     crate::network::attach(&mut kernel, &root_file, Some(&pins))
         .context("attaching the egress programs")?;
@@ -414,18 +437,6 @@ pub async fn run(config: Config) -> Result<()> {
     )
     .with_context(|| format!("audit.path {}", config.audit_path.display()))?;
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
-    // Not fatal: any local process could hold the port, and containment does not depend
-    // on metrics.
-    let metrics_listener = match config.metrics_listen {
-        Some(addr) => match crate::metrics::bind(addr).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                eprintln!("agentd: {e:#}: no metrics");
-                None
-            }
-        },
-        None => None,
-    };
     let control = claim_socket(&config.socket).await?;
     fs::set_permissions(&config.socket, fs::Permissions::from_mode(0o660))?;
     if let Some(gid) = admin_gid {

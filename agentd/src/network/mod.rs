@@ -227,6 +227,8 @@ pub fn clear(ebpf: &mut Ebpf, policy: u64) -> Result<()> {
 
 /// The egress programs and where they attach.
 pub const SOCK_ADDR_PROGRAMS: &[&str] = &[
+    "bind4",
+    "bind6",
     "connect4",
     "connect6",
     "sendmsg4",

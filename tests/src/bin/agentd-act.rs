@@ -41,6 +41,7 @@
 //!                            (read): try it and report (until end of input)
 //!   env                      the environment
 //!   fds                      open file descriptors
+//!   bind ADDR:PORT tcp|udp   bind a socket there (and close it)
 //!   ptrace PID               PTRACE_SEIZE the process (detached again at once if it worked)
 //!   sleep SECS               sleep
 //!   exit CODE                exit with CODE
@@ -963,6 +964,17 @@ fn main() {
                 })
                 .unwrap_or_default();
             report("fds", Ok(json!(fds)));
+        }
+        ["bind", addr, proto] => {
+            let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+            let r = match *proto {
+                "tcp" => std::net::TcpListener::bind(addr)
+                    .map(|l| json!(l.local_addr().map(|a| a.to_string()).unwrap_or_default())),
+                "udp" => std::net::UdpSocket::bind(addr)
+                    .map(|l| json!(l.local_addr().map(|a| a.to_string()).unwrap_or_default())),
+                _ => usage(),
+            };
+            report("bind", r);
         }
         ["ptrace", pid] => {
             let pid: libc::pid_t = pid.parse().unwrap_or_else(|_| usage());

@@ -78,7 +78,7 @@ fn connect4_denies_the_agent_spares_others_and_is_gone_after() {
     let mut reader = EventReader::take(&mut kernel).expect("events");
     let programs =
         network::attach(&mut kernel, &root.open(), None).expect("attach the egress programs");
-    assert_eq!(programs.len(), 10, "{programs:?}");
+    assert_eq!(programs.len(), 12, "{programs:?}");
     assert!(programs.iter().all(|(_, id)| ebpf::program_loaded(*id)));
 
     // Denied destination: EPERM, and the listener sees nothing.

@@ -510,13 +510,17 @@ impl TestDaemon {
 
     /// The address of its /metrics listener (from its log).
     pub fn metrics_addr(&self) -> std::net::SocketAddr {
-        let log = self.log();
-        log.lines()
-            .rev()
-            .find_map(|l| l.strip_prefix("agentd: metrics: http://"))
-            .and_then(|rest| rest.strip_suffix("/metrics"))
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("the daemon logs its metrics address:\n{log}"))
+        let find = || {
+            self.log()
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("agentd: metrics: http://"))
+                .and_then(|rest| rest.strip_suffix("/metrics"))
+                .and_then(|a| a.parse().ok())
+        };
+        // Logged once the daemon is done starting, a moment after its socket answers.
+        wait_until(Duration::from_secs(10), || find().is_some());
+        find().unwrap_or_else(|| panic!("the daemon logs its metrics address:\n{}", self.log()))
     }
 
     /// GET /metrics: the text.

@@ -98,6 +98,47 @@ impl Dest {
     }
 }
 
+/// What a connect, datagram or bind is about.
+#[derive(Clone, Copy)]
+struct Target {
+    dest: Dest,
+    port: u16,
+    protocol: u8,
+    sock_type: u16,
+}
+
+#[inline(always)]
+fn target(sa: &bpf_sock_addr, v6: bool) -> Target {
+    Target {
+        dest: if v6 {
+            Dest::from_v6(v6_bytes(&sa.user_ip6))
+        } else {
+            Dest::V4(sa.user_ip4.to_ne_bytes())
+        },
+        port: u16::from_be(sa.user_port as u16),
+        protocol: if sa.type_ == SOCK_STREAM {
+            PROTO_TCP
+        } else {
+            PROTO_UDP
+        },
+        sock_type: sa.type_ as u16,
+    }
+}
+
+/// [`report`] of a socket call's target.
+#[inline(always)]
+fn report_target(agent: u64, hook: u32, verdict: u32, t: Target) {
+    report(
+        agent,
+        hook,
+        verdict,
+        t.dest,
+        t.port,
+        t.protocol,
+        t.sock_type,
+    );
+}
+
 #[inline(always)]
 fn ports_of(policy: u64, dest: Dest) -> Option<PortRanges> {
     match dest {
@@ -226,44 +267,24 @@ fn allowlist(sock_addr: *mut bpf_sock_addr, hook: u32, v6: bool, who: &mut u64) 
     let ctx = &ctx;
     // SAFETY: the context is valid for the run; these fields allow 4-byte reads.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let port = u16::from_be(sa.user_port as u16);
-    let protocol = if sa.type_ == SOCK_STREAM {
-        PROTO_TCP
-    } else {
-        PROTO_UDP
-    };
-    let dest = if v6 {
-        Dest::from_v6(v6_bytes(&sa.user_ip6))
-    } else {
-        Dest::V4(sa.user_ip4.to_ne_bytes())
-    };
+    let t = target(sa, v6);
+    let Target {
+        dest,
+        port,
+        protocol,
+        ..
+    } = t;
     let (id, entry) = match agent::current() {
         agent::Subject::Outside => return ALLOW,
         agent::Subject::Unregistered { id } => {
-            report(
-                id,
-                hook,
-                VERDICT_DENY,
-                dest,
-                port,
-                protocol,
-                sa.type_ as u16,
-            );
+            report_target(id, hook, VERDICT_DENY, t);
             return DENY;
         }
         agent::Subject::Agent { id, entry } => (id, entry),
     };
     *who = id;
     if entry.flags & AGENT_FLAG_KILLED != 0 {
-        report(
-            id,
-            hook,
-            VERDICT_DENY,
-            dest,
-            port,
-            protocol,
-            sa.type_ as u16,
-        );
+        report_target(id, hook, VERDICT_DENY, t);
         return DENY;
     }
     if port == DNS_PORT && entry.dns_port != 0 {
@@ -299,26 +320,10 @@ fn allowlist(sock_addr: *mut bpf_sock_addr, hook: u32, v6: bool, who: &mut u64) 
     }
     if denied_for_audit(&entry) {
         *who = 0;
-        report(
-            id,
-            hook,
-            VERDICT_AUDIT,
-            dest,
-            port,
-            protocol,
-            sa.type_ as u16,
-        );
+        report_target(id, hook, VERDICT_AUDIT, t);
         return ALLOW;
     }
-    report(
-        id,
-        hook,
-        VERDICT_DENY,
-        dest,
-        port,
-        protocol,
-        sa.type_ as u16,
-    );
+    report_target(id, hook, VERDICT_DENY, t);
     if events::debug_log_on() {
         aya_log_ebpf::debug!(
             ctx,
@@ -424,32 +429,14 @@ fn bind_decision(ctx: &SockAddrContext, hook: u32, v6: bool) -> i32 {
         agent::Subject::Unregistered { id } => id,
         agent::Subject::Agent { id, .. } => id,
     };
-    let port = u16::from_be(sa.user_port as u16);
-    let dest = if v6 {
-        Dest::from_v6(v6_bytes(&sa.user_ip6))
-    } else {
-        Dest::V4(sa.user_ip4.to_ne_bytes())
-    };
-    let resolver = matches!(dest, Dest::V4([127, 53, _, _]));
+    let t = target(sa, v6);
+    let resolver = matches!(t.dest, Dest::V4([127, 53, _, _]));
     // SAFETY: a read-only global, set before the program was loaded.
     let metrics_port = unsafe { core::ptr::read_volatile(&METRICS_PORT) };
-    if !resolver && (metrics_port == 0 || port != metrics_port) {
+    if !resolver && (metrics_port == 0 || t.port != metrics_port) {
         return ALLOW;
     }
-    let protocol = if sa.type_ == SOCK_STREAM {
-        PROTO_TCP
-    } else {
-        PROTO_UDP
-    };
-    report(
-        id,
-        hook,
-        VERDICT_DENY,
-        dest,
-        port,
-        protocol,
-        sa.type_ as u16,
-    );
+    report_target(id, hook, VERDICT_DENY, t);
     DENY
 }
 

@@ -183,14 +183,21 @@ impl AuditLog {
             path: path.to_path_buf(),
             file,
             lock,
-            size: 0,
+            // Unknown until read under the lock: another writer may be in the middle of a
+            // record, which must not be taken for a torn line.
+            size: u64::MAX,
             seq: 0,
             prev: GENESIS.to_string(),
             max_bytes: max_bytes.max(1024),
             keep: keep.max(1),
             pending_repair: None,
         };
-        log.catch_up()?;
+        match log.lock_within(Duration::from_millis(200)) {
+            Ok(()) => log.unlock(),
+            // Held by a stopped writer: read at the first append instead.
+            Err(e) if format!("{e:#}").contains("another writer holds it") => {}
+            Err(e) => return Err(e),
+        }
         Ok(log)
     }
 
@@ -232,10 +239,14 @@ impl AuditLog {
     /// sure this writer goes on from the last record, whoever wrote it: another writer may
     /// have appended or rotated meanwhile.
     fn lock(&mut self) -> Result<()> {
+        self.lock_within(LOCK_TIMEOUT)
+    }
+
+    fn lock_within(&mut self, wait: Duration) -> Result<()> {
         use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
         // Bounded: a writer stopped while it holds the lock (a daemon under SIGSTOP) must
         // not hang `agentd kill --direct`.
-        let deadline = Instant::now() + LOCK_TIMEOUT;
+        let deadline = Instant::now() + wait;
         // SAFETY: flock on a descriptor we own.
         while unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = std::io::Error::last_os_error();
@@ -823,6 +834,32 @@ mod tests {
             let p = v.problem.expect("found");
             assert_eq!((p.line, p.what.as_str()), (2, "changed"), "{}", p.message);
         }
+    }
+
+    #[test]
+    fn a_line_being_written_by_another_writer_is_not_cut() {
+        use std::os::fd::AsRawFd as _;
+        let d = dir("midwrite");
+        let path = d.join("audit.jsonl");
+        let mut holder = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        holder
+            .append(&who("a"), "test", json!({"i": 0}), true)
+            .unwrap();
+        // The holder is in the middle of its next record (a reader may see half a write).
+        // SAFETY: flock on a descriptor the test owns.
+        assert_eq!(
+            unsafe { libc::flock(holder.lock.as_raw_fd(), libc::LOCK_EX) },
+            0
+        );
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"agent\":\"a\",").unwrap();
+        let before = fs::read(&path).unwrap();
+        let _other = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            before,
+            "nothing cut while the lock is held"
+        );
     }
 
     #[test]

@@ -495,7 +495,6 @@ pub struct Verdict {
     pub last_seq: Option<u64>,
     pub files: Vec<PathBuf>,
     /// The first problem: where and what.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<Problem>,
 }
 
@@ -770,21 +769,27 @@ mod tests {
         assert_eq!((v.records, v.last_seq), (30, Some(30)));
     }
 
-    #[test]
-    fn a_record_left_pending_joins_the_chain_with_the_next_one() {
+    /// A log with one record whose lock another writer holds (returned, to release it).
+    fn held_by_another_writer(tag: &str) -> (Scratch, PathBuf, AuditLog) {
         use std::os::fd::AsRawFd as _;
-        let d = dir("pending");
+        let d = dir(tag);
         let path = d.join("audit.jsonl");
         let mut holder = AuditLog::open(&path, 1 << 20, 2).unwrap();
         holder
-            .append(&who("a"), "test", json!({"i": 0}), false)
+            .append(&who("a"), "test", json!({"i": 0}), true)
             .unwrap();
-        // Another writer holds the lock (as a daemon stopped mid-record would).
         // SAFETY: flock on a descriptor the test owns.
         assert_eq!(
             unsafe { libc::flock(holder.lock.as_raw_fd(), libc::LOCK_EX) },
             0
         );
+        (d, path, holder)
+    }
+
+    #[test]
+    fn a_record_left_pending_joins_the_chain_with_the_next_one() {
+        // Another writer holds the lock (as a daemon stopped mid-record would).
+        let (_d, path, mut holder) = held_by_another_writer("pending");
         let mut cli = AuditLog::open(&path, 1 << 20, 2).unwrap();
         let waited = cli
             .append_or_leave(&who("b"), "kill", json!({"processes": 3}))
@@ -838,19 +843,8 @@ mod tests {
 
     #[test]
     fn a_line_being_written_by_another_writer_is_not_cut() {
-        use std::os::fd::AsRawFd as _;
-        let d = dir("midwrite");
-        let path = d.join("audit.jsonl");
-        let mut holder = AuditLog::open(&path, 1 << 20, 2).unwrap();
-        holder
-            .append(&who("a"), "test", json!({"i": 0}), true)
-            .unwrap();
         // The holder is in the middle of its next record (a reader may see half a write).
-        // SAFETY: flock on a descriptor the test owns.
-        assert_eq!(
-            unsafe { libc::flock(holder.lock.as_raw_fd(), libc::LOCK_EX) },
-            0
-        );
+        let (_d, path, _holder) = held_by_another_writer("midwrite");
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"agent\":\"a\",").unwrap();
         let before = fs::read(&path).unwrap();

@@ -36,6 +36,15 @@ pub enum Action {
 }
 
 impl Action {
+    /// As in the audit log and the metrics' labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Kill => "kill",
+            Action::Freeze => "freeze",
+            Action::Thaw => "thaw",
+        }
+    }
+
     pub fn past(self) -> &'static str {
         match self {
             Action::Kill => "killed",
@@ -58,6 +67,16 @@ pub struct Outcome {
     /// Why it failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl Outcome {
+    /// Adds `note` to the outcome's error (the action may have worked: it says what did not).
+    pub fn note(&mut self, note: &str) {
+        self.error = Some(match self.error.take() {
+            Some(e) => format!("{e}; {note}"),
+            None => note.to_string(),
+        });
+    }
 }
 
 /// How long a kill or freeze may take before it is reported as failed.
@@ -226,11 +245,7 @@ pub fn audit_direct(config: &Config, outcomes: &mut [Outcome]) {
                 config.audit_path.display()
             );
             for o in outcomes.iter_mut() {
-                o.error = Some(
-                    o.error
-                        .take()
-                        .map_or(note.clone(), |e| format!("{e}; {note}")),
-                );
+                o.note(&note);
             }
             None
         }
@@ -242,12 +257,7 @@ pub fn audit_direct(config: &Config, outcomes: &mut [Outcome]) {
         let subject = crate::daemon::adopt::recorded_subject(config, &o.agent);
         let mut details = serde_json::to_value(&*o).unwrap_or_default();
         details["direct"] = serde_json::Value::Bool(true);
-        let kind = match o.action {
-            Action::Kill => "kill",
-            Action::Freeze => "freeze",
-            Action::Thaw => "thaw",
-        };
-        match log.append_or_leave(&subject, kind, details) {
+        match log.append_or_leave(&subject, o.action.name(), details) {
             Ok(false) => {}
             Ok(true) => eprintln!(
                 "agentd: the audit log is locked by another writer (a stopped daemon?): the record of {} \
@@ -257,11 +267,7 @@ pub fn audit_direct(config: &Config, outcomes: &mut [Outcome]) {
             ),
             Err(e) => {
                 let note = format!("not written to the audit log: {e:#}");
-                o.error = Some(
-                    o.error
-                        .take()
-                        .map_or(note.clone(), |e| format!("{e}; {note}")),
-                );
+                o.note(&note);
             }
         }
     }

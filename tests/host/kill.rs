@@ -347,7 +347,6 @@ fn an_agent_cannot_signal_or_trace_the_daemon_or_undo_its_containment() {
 /// same links), lists it and kills it.
 #[test]
 fn a_running_agent_stays_contained_after_the_daemon_is_killed_and_a_new_daemon_adopts_it() {
-    use std::io::Write as _;
     let allowed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let denied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     denied.set_nonblocking(true).unwrap();
@@ -363,58 +362,32 @@ fn a_running_agent_stays_contained_after_the_daemon_is_killed_and_a_new_daemon_a
         secret.display()
     );
     let mut d = TestDaemon::start(&[("plain", &profile)]);
-    let mut agent = d
-        .agentd()
-        .args([
-            "run",
-            "--profile",
-            "plain",
-            "--name",
-            "probe",
-            "--",
-            &act(),
-            "probe",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = agent.stdin.take().unwrap();
-    let mut lines = BufReader::new(agent.stdout.take().unwrap()).lines();
-    let mut next =
-        move || -> Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
-    assert_eq!(next()["detail"], "ready");
-    let mut ask = |line: String| -> Value {
-        writeln!(input, "{line}").unwrap();
-        input.flush().unwrap();
-        next()
-    };
+    let mut agent = agentd_tests::Probe::start(&d, &act_bin!(), "plain", "probe", &[]);
     let (allowed_addr, denied_addr) = (allowed.local_addr().unwrap(), denied.local_addr().unwrap());
-    let probe = |ask: &mut dyn FnMut(String) -> Value, when: &str| {
-        let v = ask(format!("connect {allowed_addr}"));
+    let probe = |agent: &mut agentd_tests::Probe, when: &str| {
+        let v = agent.ask(&format!("connect {allowed_addr}"));
         assert_eq!(v["ok"], true, "{when}: the allowed connect: {v}");
-        let v = ask(format!("connect {denied_addr}"));
+        let v = agent.ask(&format!("connect {denied_addr}"));
         assert_eq!(
             (&v["ok"], &v["errno"]),
             (&Value::Bool(false), &Value::from(libc::EPERM)),
             "{when}: {v}"
         );
-        let v = ask(format!("open {}", secret.display()));
+        let v = agent.ask(&format!("open {}", secret.display()));
         assert_eq!(
             (&v["ok"], &v["errno"]),
             (&Value::Bool(false), &Value::from(libc::EACCES)),
             "{when}: {v}"
         );
     };
-    probe(&mut ask, "with the daemon");
+    probe(&mut agent, "with the daemon");
     // SAFETY: signals our own child.
     unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
     assert!(wait_until(Duration::from_secs(5), || d.exited()));
     // Links whose last holder is gone are released a moment later: look again after it.
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
-        probe(&mut ask, "after the daemon was killed");
+        probe(&mut agent, "after the daemon was killed");
     }
     assert!(
         matches!(denied.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
@@ -433,7 +406,7 @@ fn a_running_agent_stays_contained_after_the_daemon_is_killed_and_a_new_daemon_a
         d.root.join("probe").exists(),
         "the agent's cgroup is left as it was"
     );
-    probe(&mut ask, "after a refused start");
+    probe(&mut agent, "after a refused start");
 
     // With it, the restarted daemon adopts the agent: the pinned cgroup links get the new
     // build's programs in place (same link, new program), and the policy goes on.
@@ -463,7 +436,7 @@ fn a_running_agent_stays_contained_after_the_daemon_is_killed_and_a_new_daemon_a
         .find(|a| a["name"] == "probe")
         .unwrap_or_else(|| panic!("ps lists the adopted agent: {agents}"));
     assert_eq!(listed["processes"], 1, "{listed}");
-    probe(&mut ask, "after the restart");
+    probe(&mut agent, "after the restart");
     assert!(
         matches!(denied.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "the denied listener received nothing"
@@ -485,7 +458,7 @@ fn a_running_agent_stays_contained_after_the_daemon_is_killed_and_a_new_daemon_a
     assert!(o["error"].is_null(), "{o}");
     assert!(!d.root.join("probe").exists(), "the agent's cgroup is gone");
     assert!(!record.exists(), "its record is gone");
-    let _ = agent.wait();
+    let _ = agent.child.wait();
 }
 
 /// `daemon.on_stop = "keep"`: a stop leaves the agents running, contained by the pins, and

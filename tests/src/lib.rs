@@ -606,6 +606,55 @@ impl Drop for TestDaemon {
     }
 }
 
+/// An agent running `agentd-act probe`: each [`Probe::ask`] sends it one line (`connect
+/// ADDR:PORT` or `open PATH`) and returns its report. It outlives its daemon (tests kill and
+/// restart the daemon under it).
+pub struct Probe {
+    pub child: std::process::Child,
+    input: std::process::ChildStdin,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Probe {
+    /// `agentd run --profile PROFILE --name NAME [FLAGS...] -- ACT probe` (`act`: the
+    /// agentd-act binary, `act_bin!()`), once it reports ready.
+    pub fn start(d: &TestDaemon, act: &Path, profile: &str, name: &str, flags: &[&str]) -> Probe {
+        use std::io::BufRead as _;
+        let mut child = d
+            .agentd()
+            .args(["run", "--profile", profile, "--name", name])
+            .args(flags)
+            .arg("--")
+            .arg(act)
+            .arg("probe")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start agentd run");
+        let input = child.stdin.take().unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut probe = Probe {
+            child,
+            input,
+            lines,
+        };
+        assert_eq!(probe.next()["detail"], "ready");
+        probe
+    }
+
+    fn next(&mut self) -> Value {
+        serde_json::from_str(&self.lines.next().expect("a report").unwrap()).unwrap()
+    }
+
+    pub fn ask(&mut self, line: &str) -> Value {
+        use std::io::Write as _;
+        writeln!(self.input, "{line}").unwrap();
+        self.input.flush().unwrap();
+        self.next()
+    }
+}
+
 /// The last line of a command's stdout, as JSON.
 pub fn last_json(out: &std::process::Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -301,11 +301,7 @@ fn file_open_cost_does_not_grow_with_the_rule_count() {
 /// renamed over, which detaches the old), and the agent's file rule holds throughout.
 #[test]
 fn a_restarted_daemon_replaces_the_bpf_lsm_links_and_the_rules_hold() {
-    use std::{
-        io::{BufRead as _, BufReader, Write as _},
-        os::unix::fs::PermissionsExt as _,
-        process::Stdio,
-    };
+    use std::os::unix::fs::PermissionsExt as _;
     require_vm();
     let files = TempDir::new("adopt-lsm");
     let secret = files.write("secret", "s3cret");
@@ -322,39 +318,15 @@ fn a_restarted_daemon_replaces_the_bpf_lsm_links_and_the_rules_hold() {
         extra_config: "[files]\nenforcers = [\"lsm\"]\n",
         ..Default::default()
     });
-    let mut agent = d
-        .agentd()
-        .args([
-            "run",
-            "--profile",
-            "plain",
-            "--name",
-            "probe",
-            "--degraded-ok",
-            "--",
-        ])
-        .arg(act_bin!())
-        .arg("probe")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut input = agent.stdin.take().unwrap();
-    let mut lines = BufReader::new(agent.stdout.take().unwrap()).lines();
-    let mut next = move || -> serde_json::Value {
-        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
-    };
-    assert_eq!(next()["detail"], "ready");
-    let mut probe = |when: &str| {
+    let mut agent =
+        agentd_tests::Probe::start(&d, &act_bin!(), "plain", "probe", &["--degraded-ok"]);
+    let probe = |agent: &mut agentd_tests::Probe, when: &str| {
         for (path, allowed) in [(&secret, false), (&open, true)] {
-            writeln!(input, "open {}", path.display()).unwrap();
-            input.flush().unwrap();
-            let v = next();
+            let v = agent.ask(&format!("open {}", path.display()));
             assert_eq!(v["ok"], allowed, "{when}: open {}: {v}", path.display());
         }
     };
-    probe("with the daemon");
+    probe(&mut agent, "with the daemon");
     let pin = d.bpffs.join("links/file_open");
     let link = || {
         aya::programs::links::FdLink::from(
@@ -368,7 +340,7 @@ fn a_restarted_daemon_replaces_the_bpf_lsm_links_and_the_rules_hold() {
     // SAFETY: signals our own child.
     unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
     assert!(wait_until(Duration::from_secs(5), || d.exited()));
-    probe("after the daemon was killed");
+    probe(&mut agent, "after the daemon was killed");
     d.restart().expect("the daemon adopts the agent");
     assert!(d.log().contains("adopted agent probe"), "{}", d.log());
     let after = link();
@@ -379,7 +351,7 @@ fn a_restarted_daemon_replaces_the_bpf_lsm_links_and_the_rules_hold() {
             .any(|l| l.id() == before)),
         "the old file_open link is detached"
     );
-    probe("after the restart");
+    probe(&mut agent, "after the restart");
     let out = d
         .agentd()
         .args(["kill", "probe", "--json"])
@@ -391,5 +363,5 @@ fn a_restarted_daemon_replaces_the_bpf_lsm_links_and_the_rules_hold() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!d.root.join("probe").exists());
-    let _ = agent.wait();
+    let _ = agent.child.wait();
 }

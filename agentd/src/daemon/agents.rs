@@ -1262,11 +1262,7 @@ pub fn kill_switch(
     });
     for (o, a) in outcomes.iter_mut().zip(&targets) {
         eprintln!("agentd: kill switch: {}", crate::kill::describe(o));
-        let name = match action {
-            K::Kill => "kill",
-            K::Freeze => "freeze",
-            K::Thaw => "thaw",
-        };
+        let name = action.name();
         daemon.metrics.kills.with_label_values(&[name]).inc();
         if action == K::Kill && o.error.is_none() {
             daemon.metrics.kill_duration.observe(o.millis / 1000.0);
@@ -1274,11 +1270,7 @@ pub fn kill_switch(
         // On disk before the command reports it.
         let details = serde_json::to_value(&*o).unwrap_or_default();
         if let Err(e) = daemon.audit(&super::trail::subject(a), name, details, true) {
-            let note = format!("not written to the audit log: {e:#}");
-            o.error = Some(match o.error.take() {
-                Some(err) => format!("{err}; {note}"),
-                None => note,
-            });
+            o.note(&format!("not written to the audit log: {e:#}"));
         }
     }
     outcomes.extend(missing.into_iter().map(|agent| Outcome {

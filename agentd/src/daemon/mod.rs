@@ -726,20 +726,10 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
                 .map_or("unknown", crate::budgets::Action::name)])
             .inc();
     }
-    let running = daemon.agent_by_id(h.agent).is_some();
-    if !running {
-        // Late (its agent was torn down a moment ago) or of a stray cgroup: recorded,
-        // not counted (counters of gone agents would never be removed).
-        let denial = denial_of(daemon, e, e.to_string());
-        let _ = daemon.audit(
-            &daemon.subject_of_id(h.agent),
-            kind,
-            serde_json::to_value(&denial).unwrap_or_default(),
-            false,
-        );
-        return;
-    }
-    {
+    // Events of an agent torn down a moment ago (or of a stray cgroup) are recorded, not
+    // counted: counters of gone agents would never be removed.
+    let agent = daemon.agent_by_id(h.agent);
+    if agent.is_some() {
         let mut counters = daemon.counters.locked();
         let c = counters.entry(h.agent).or_default();
         match (e, h.verdict) {
@@ -750,18 +740,27 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
             (Event::Budget(_), _) => c.budget_exhausted += 1,
         }
     }
-    let text = match e {
+    let text = match (e, &agent) {
         // The class by its name, and what was done about it.
-        Event::Budget(b) => agents::on_budget(daemon, b).unwrap_or_else(|| e.to_string()),
+        (Event::Budget(b), Some(_)) => {
+            agents::on_budget(daemon, b).unwrap_or_else(|| e.to_string())
+        }
         _ => e.to_string(),
     };
-    let denial = denial_of(daemon, e, text);
+    let denial = denial_of(e, text);
+    let subject = match &agent {
+        Some(a) => trail::subject(a),
+        None => daemon.subject_of_id(h.agent),
+    };
     let _ = daemon.audit(
-        &daemon.subject_of_id(h.agent),
+        &subject,
         kind,
         serde_json::to_value(&denial).unwrap_or_default(),
         false,
     );
+    if agent.is_none() {
+        return;
+    }
     let mut all = daemon.denials.locked();
     let list = all.entry(h.agent).or_default();
     if list.len() == RECENT_DENIALS {
@@ -771,7 +770,7 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
 }
 
 /// What a kernel event says, for `inspect` and the audit log.
-fn denial_of(_daemon: &Daemon, e: &Event, text: String) -> crate::protocol::Denial {
+fn denial_of(e: &Event, text: String) -> crate::protocol::Denial {
     use agentd_common::events::HOOK_SYSCALL_EXIT;
     let h = e.header();
     let (path, resolved) = match e {

@@ -712,6 +712,34 @@ pub fn audit_verify(config: &Config, files: Vec<PathBuf>, json: bool) -> i32 {
     if verdict.ok { 0 } else { 1 }
 }
 
+/// `agentd reload`: the daemon reads its configuration and profiles again.
+pub fn reload(config: &Config, json: bool) -> i32 {
+    let report = match call(config, &Request::Reload) {
+        Ok(Reply::Reloaded { report }) => report,
+        Ok(_) => return EXIT_AGENTD,
+        Err(code) => return code,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+        return 0;
+    }
+    println!("{}", report.summary());
+    for m in &report.agents {
+        if m.changed {
+            println!("  {}: {} -> {}", m.agent, m.from, m.to);
+        } else {
+            println!("  {}: {} (unchanged)", m.agent, m.to);
+        }
+        if let Some(note) = &m.note {
+            println!("    note: {note}");
+        }
+    }
+    0
+}
+
 /// `agentd debug-log on|off`.
 pub fn debug_log(config: &Config, on: bool) -> i32 {
     match call(config, &Request::DebugLog { on }) {

@@ -498,6 +498,17 @@ mod tests {
     }
 
     #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let e = Config::parse(
+            "[daemon]\nbpffs = \"/x\"\n[agents]\nmax = \"many\"\n",
+            "a.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("a.toml:4:7: agents.max: invalid type"), "{e}");
+    }
+
+    #[test]
     fn keys_are_read_and_checked() {
         let c = Config::parse(
             "[daemon]\nsocket = \"/tmp/x.sock\"\ncgroup_root = \"/sys/fs/cgroup/agents\"\n[agents]\nuser = \"nobody\"\n",

@@ -174,6 +174,29 @@ enum Command {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// Read the configuration and every profile again, then move each running agent to
+    /// its profile's new version, without restarting it. Same as SIGHUP to the daemon
+    /// (`systemctl reload agentd`).
+    ///
+    /// Everything is checked first: a file that does not parse, a key only a restart can
+    /// change, a profile whose rules changed under the same version, or a profile a running
+    /// agent uses that is gone refuses the reload (exit 2) and nothing changes. Each agent
+    /// that moves is switched in one step (its old or its new rules, never a mix), and the
+    /// audit log has its old and new version. A profile with `mode = "audit"` reports what
+    /// it would deny and denies nothing: try a new version on live agents, then reload it
+    /// with `mode = "enforce"`.
+    ///
+    /// Examples:
+    ///   sudo agentd profiles diff default ./default.toml.new   # what the new version changes
+    ///   sudo cp ./default.toml.new /etc/agentd/profiles/default.toml
+    ///   sudo agentd reload
+    ///   sudo agentd reload --json
+    #[command(verbatim_doc_comment)]
+    Reload {
+        /// Print what was done as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the audit log.
     Audit {
         #[command(subcommand)]
@@ -309,6 +332,42 @@ enum ProfilesCmd {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// What NEW allows that OLD did not, and what it denies that OLD allowed, key by key.
+    ///
+    /// Each line is `allows`, `denies` or `changes` (neither wider nor narrower), the key,
+    /// and `+ added`, `- removed` or `old -> new`. Exit status 0: no differences; 1: some;
+    /// 2: a profile is invalid.
+    ///
+    /// Examples:
+    ///   agentd profiles diff default ./default-1.1.toml
+    ///   agentd profiles diff coding-agent research-agent --json
+    #[command(verbatim_doc_comment)]
+    Diff {
+        #[arg(value_name = "OLD")]
+        old: String,
+        #[arg(value_name = "NEW")]
+        new: String,
+        /// Print the differences as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A profile by name (in the profiles directory) or path: where it is and what it says.
+fn load_spec(
+    config: &Config,
+    spec: &str,
+) -> (PathBuf, Result<profile::Profile, profile::ProfileError>) {
+    if profile::is_path(spec) {
+        let path = PathBuf::from(spec);
+        let parsed = profile::load_file(&path);
+        (path, parsed)
+    } else {
+        (
+            config.profiles_dir.join(format!("{spec}.toml")),
+            profile::load_named(&config.profiles_dir, spec),
+        )
+    }
 }
 
 fn load_config(explicit: Option<&std::path::Path>) -> Result<Config, i32> {
@@ -365,16 +424,7 @@ fn profiles(config: &Config, cmd: ProfilesCmd) -> i32 {
             profile: spec,
             json,
         } => {
-            let path = if profile::is_path(&spec) {
-                PathBuf::from(&spec)
-            } else {
-                config.profiles_dir.join(format!("{spec}.toml"))
-            };
-            let parsed = if profile::is_path(&spec) {
-                profile::load_file(&path)
-            } else {
-                profile::load_named(&config.profiles_dir, &spec)
-            };
+            let (path, parsed) = load_spec(config, &spec);
             match parsed {
                 Ok(p) if json => {
                     println!(
@@ -393,6 +443,48 @@ fn profiles(config: &Config, cmd: ProfilesCmd) -> i32 {
                     EXIT_POLICY
                 }
             }
+        }
+        ProfilesCmd::Diff { old, new, json } => {
+            let (old, new) = match (load_spec(config, &old).1, load_spec(config, &new).1) {
+                (Ok(o), Ok(n)) => (o, n),
+                (o, n) => {
+                    for e in [o.err(), n.err()].into_iter().flatten() {
+                        eprintln!("agentd: {e}");
+                    }
+                    return EXIT_POLICY;
+                }
+            };
+            let changes = profile::diff::diff(&old, &new);
+            if json {
+                let v = serde_json::json!({
+                    "old": {"name": old.name, "version": old.version.to_string(), "source": old.source},
+                    "new": {"name": new.name, "version": new.version.to_string(), "source": new.source},
+                    "changes": changes,
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("serializable")
+                );
+            } else {
+                println!(
+                    "{} {} ({}) -> {} {} ({}): {}",
+                    old.name,
+                    old.version,
+                    old.source,
+                    new.name,
+                    new.version,
+                    new.source,
+                    match changes.len() {
+                        0 => "no differences".to_string(),
+                        1 => "1 difference".to_string(),
+                        n => format!("{n} differences"),
+                    }
+                );
+                for c in &changes {
+                    println!("  {}", c.line());
+                }
+            }
+            i32::from(!changes.is_empty())
         }
         ProfilesCmd::Check { files } => {
             let mut status = 0;
@@ -495,6 +587,8 @@ fn main() -> ExitCode {
             |c| c,
             |config| client::events(&config, follow, agent, last, json),
         ),
+        Command::Reload { json } => load_config(cli.config.as_deref())
+            .map_or_else(|c| c, |config| client::reload(&config, json)),
         Command::DebugLog { state } => load_config(cli.config.as_deref())
             .map_or_else(|c| c, |config| client::debug_log(&config, state == "on")),
         Command::Audit {

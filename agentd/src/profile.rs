@@ -46,6 +46,8 @@
 //! Parsing is strict: an unknown key, a bad CIDR, port, path, size, syscall or capability
 //! is an error that names the file, line, column and key.
 
+pub mod diff;
+
 use std::{
     collections::BTreeMap,
     fmt,
@@ -123,9 +125,38 @@ impl Locator<'_> {
     pub fn toml(&self, e: toml::de::Error) -> ProfileError {
         let message = e.message().trim().to_string();
         match e.span() {
-            Some(span) => self.at(span, message),
+            Some(span) => {
+                let message = match self.key_of_value(span.start) {
+                    Some(key) => format!("{key}: {message}"),
+                    None => message,
+                };
+                self.at(span, message)
+            }
             None => self.whole(message),
         }
+    }
+
+    /// The dotted key whose value starts at `offset` (`agents.max` for the `"many"` of
+    /// `max = "many"` under `[agents]`), if the offset is on a `key = value` line after the
+    /// `=`.
+    fn key_of_value(&self, offset: usize) -> Option<String> {
+        let before = self.text.get(..offset)?;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let (key, _) = before[line_start..].split_once('=')?;
+        let key = key.trim().trim_matches('"');
+        if key.is_empty() || key.starts_with('[') {
+            return None;
+        }
+        let table = before[..line_start].lines().rev().find_map(|l| {
+            let l = l.trim();
+            l.strip_prefix('[')
+                .and_then(|h| h.split(']').next())
+                .map(|h| h.trim_matches('[').trim().to_string())
+        });
+        Some(match table {
+            Some(t) if !t.is_empty() => format!("{t}.{key}"),
+            _ => key.to_string(),
+        })
     }
 }
 
@@ -221,6 +252,12 @@ impl fmt::Display for HostRule {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct PathTemplate(pub String);
+
+impl fmt::Display for PathTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// Values of the path placeholders for one agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -34,6 +34,8 @@ pub enum Request {
     DebugLog {
         on: bool,
     },
+    /// Reads the configuration and profiles again and moves agents to their new versions.
+    Reload,
     /// Audit records: up to `last` recent ones, then (with `follow`) each new one as it is
     /// written; only those of `agent` if given.
     Events {
@@ -203,6 +205,10 @@ pub enum Reply {
     /// The kernel programs' debug log is now on or off.
     DebugLog {
         on: bool,
+    },
+    /// What a reload did.
+    Reloaded {
+        report: crate::daemon::reload::Report,
     },
 }
 

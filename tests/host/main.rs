@@ -10,4 +10,5 @@ mod files;
 mod hardening;
 mod kill;
 mod network;
+mod reload;
 mod run;

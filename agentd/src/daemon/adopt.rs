@@ -79,6 +79,9 @@ pub struct Record {
     /// Its cgroup directory (under the agent root of the daemon that wrote the record).
     #[serde(default)]
     pub cgroup: PathBuf,
+    /// Restricted by Landlock at launch.
+    #[serde(default)]
+    pub landlocked: bool,
 }
 
 /// Where the records are kept.
@@ -135,6 +138,7 @@ pub fn save(daemon: &Daemon, agent: &AgentState, live: &Live) {
         killed: agent.killed.load(SeqCst),
         held: agent.held.load(SeqCst),
         cgroup: agent.cgroup_path.clone(),
+        landlocked: agent.landlocked,
     };
     let dir = records_dir(&daemon.config);
     let path = record_path(&dir, &agent.name);
@@ -352,6 +356,7 @@ fn adopt_one(daemon: &Arc<Daemon>, r: Record) -> Result<Arc<AgentState>> {
         process_gate: Mutex::new(None),
         resolver: Mutex::new(None),
         adopted: true,
+        landlocked: r.landlocked,
     };
     let mut live = Live {
         spec: r.spec,

@@ -114,6 +114,8 @@ pub struct AgentState {
     pub(super) resolver: Mutex<Option<dns::AgentResolver>>,
     /// Adopted from an earlier daemon (its process notifier, if it had one, is gone).
     pub(super) adopted: bool,
+    /// Restricted by a Landlock ruleset at launch (which nothing can lift or widen later).
+    pub(super) landlocked: bool,
 }
 
 impl AgentState {
@@ -238,7 +240,7 @@ fn resolve_user(daemon: &Daemon, req: &RunRequest) -> Result<Identity, Refusal> 
             .map(identity_of)
             .map_err(|e| refuse(format!("SUDO_UID={uid}: {e}")));
     }
-    let name = &daemon.config.agent_user;
+    let name = &daemon.settings.locked().agent_user.clone();
     let user = nix::unistd::User::from_name(name).ok().flatten().ok_or_else(|| {
         refuse(format!(
             "no --user given, SUDO_UID is not set, and the account `{name}` (agents.user) does not exist: \
@@ -256,7 +258,10 @@ fn resolve_user(daemon: &Daemon, req: &RunRequest) -> Result<Identity, Refusal> 
 fn load_profile(daemon: &Daemon, spec: &ProfileSpec) -> Result<profile::Profile, Refusal> {
     let dir = &daemon.config.profiles_dir;
     match spec {
-        ProfileSpec::Default => profile::load_named(dir, &daemon.config.default_profile),
+        ProfileSpec::Default => {
+            let name = daemon.settings.locked().default_profile.clone();
+            profile::load_named(dir, &name)
+        }
         ProfileSpec::Named(n) => profile::load_named(dir, n),
         ProfileSpec::Inline { source, text } => profile::parse(text, source),
     }
@@ -457,11 +462,26 @@ struct Prepared {
 
 /// The policy an agent gets: profile, adjustments, then the parent's limits.
 fn effective(daemon: &Daemon, requested: &Policy, parent: Option<&AgentState>) -> Policy {
+    match parent {
+        Some(p) => {
+            let parent_policy = p.live.locked().policy.clone();
+            effective_under(daemon, requested, Some((&parent_policy, &p.name)))
+        }
+        None => effective_under(daemon, requested, None),
+    }
+}
+
+/// [`effective`] with the parent's policy (and name) given.
+pub(super) fn effective_under(
+    daemon: &Daemon,
+    requested: &Policy,
+    parent: Option<(&Policy, &str)>,
+) -> Policy {
     // File rules are compared on real paths (see FilePolicy::resolved).
     let mut requested = requested.clone();
     requested.files = requested.files.resolved();
     let mut policy = match parent {
-        Some(p) => requested.intersect(&p.live.locked().policy, &p.name),
+        Some((p, name)) => requested.intersect(p, name),
         None => requested,
     };
     // An agent can only keep capabilities the daemon itself has.
@@ -737,6 +757,7 @@ fn prepare(
         notifier: Mutex::new(None),
         process_gate: Mutex::new(None),
         adopted: false,
+        landlocked: landlock.is_some(),
     };
     if let Err(e) = sync_kernel(daemon, &state, &mut live, true) {
         let mut kernel = daemon.kernel.locked();
@@ -800,58 +821,141 @@ pub fn update(daemon: &Daemon, req: &UpdateRequest) -> Result<Reply, Refusal> {
     let agent = daemon
         .agent(&req.agent)
         .ok_or_else(|| (format!("no agent named `{}` is running", req.agent), 1))?;
-    let parent = agent.parent_id.and_then(|id| daemon.agent_by_id(id));
-    {
+    let (spec, adjustments, placeholders) = {
         let live = agent.live.locked();
-        let spec = req.profile.clone().unwrap_or_else(|| live.spec.clone());
-        let profile = load_profile(daemon, &spec)?;
         let mut adjustments = live.adjustments.clone();
         adjustments.extend(&req.adjustments);
         if let Some(mode) = req.mode {
             adjustments.audit = mode == Mode::Audit;
         }
-        let mut requested = Policy::from_profile(&profile, &live.placeholders);
-        requested.adjust(&adjustments).map_err(refuse)?;
-        let current = live.policy.clone();
-        drop(live);
-        let mut policy = effective(daemon, &requested, parent.as_deref());
-        if agent.parent_id.is_some() && parent.is_none() {
-            // Its parent has ended: what it had then is the most it can ever have.
-            policy = policy.intersect(&current, &agent.name);
-        }
-        let mut live = agent.live.locked();
-        let old = (
-            live.spec.clone(),
-            live.adjustments.clone(),
-            live.requested.clone(),
-            live.policy.clone(),
-        );
-        live.spec = spec;
-        live.adjustments = adjustments;
-        live.requested = requested;
-        live.policy = policy;
-        if let Err(e) = sync_kernel(daemon, &agent, &mut live, true) {
-            (live.spec, live.adjustments, live.requested, live.policy) = old;
-            return Err(internal(format!("the kernel kept the old policy: {e:#}")));
-        }
-    }
+        (
+            req.profile.clone().unwrap_or_else(|| live.spec.clone()),
+            adjustments,
+            live.placeholders.clone(),
+        )
+    };
+    let profile = load_profile(daemon, &spec)?;
+    let mut requested = Policy::from_profile(&profile, &placeholders);
+    requested.adjust(&adjustments).map_err(refuse)?;
+    let policy = policy_for(daemon, &agent, &requested);
+    can_take(daemon, &agent, &policy).map_err(refuse)?;
+    let from = Version::of(&agent.live.locked().policy);
+    switch(
+        daemon,
+        &agent,
+        Live {
+            spec,
+            adjustments,
+            requested,
+            policy,
+            ..empty_live()
+        },
+    )
+    .map_err(internal)?;
     narrow_children(daemon, &agent);
     budget_hook(daemon);
+    changed(daemon, &agent, &from, "update");
     let policy = agent.live.locked().policy.clone();
-    daemon.metrics.policy_updates.inc();
-    daemon.audit_agent(
-        &agent,
-        "policy_updated",
-        serde_json::json!({"profile": policy.profile, "version": policy.version.to_string(), "mode": agent.info(daemon).mode}),
-    );
     Ok(Reply::Updated {
         agent: Box::new(agent.info(daemon)),
         policy: Box::new(policy),
     })
 }
 
+/// A policy's profile, version and mode, as the audit log and `agentd reload` name them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Version {
+    pub profile: String,
+    pub version: String,
+    pub mode: Mode,
+}
+
+impl Version {
+    pub fn of(p: &Policy) -> Version {
+        Version {
+            profile: p.profile.clone(),
+            version: p.version.to_string(),
+            mode: p.mode,
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.profile, self.version)?;
+        if self.mode == Mode::Audit {
+            write!(f, " (audit)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The policy `agent` gets from `requested`: intersected with its parent's and, if its
+/// parent has ended, with what it has now (what it had then is the most it can ever have).
+pub(super) fn policy_for(daemon: &Daemon, agent: &AgentState, requested: &Policy) -> Policy {
+    let parent = agent.parent_id.and_then(|id| daemon.agent_by_id(id));
+    let policy = effective(daemon, requested, parent.as_deref());
+    if agent.parent_id.is_some() && parent.is_none() {
+        let current = agent.live.locked().policy.clone();
+        return policy.intersect(&current, &agent.name);
+    }
+    policy
+}
+
+/// Whether `agent` can be held to `policy` by this host's enforcers. An agent started in
+/// audit mode where Landlock enforces the file rules (no BPF LSM) has no Landlock domain,
+/// and none can be given to a running process: enforcing its file rules needs a new start.
+pub(super) fn can_take(daemon: &Daemon, agent: &AgentState, policy: &Policy) -> Result<(), String> {
+    if policy.mode == Mode::Enforce
+        && !daemon.file_enforcers.lsm
+        && daemon.file_enforcers.landlock.is_some()
+        && !agent.landlocked
+    {
+        return Err(format!(
+            "agent {} was started in audit mode on a host where Landlock enforces file rules (no BPF LSM), \
+             and Landlock cannot be applied to a running agent: its file rules could not be enforced. \
+             Keep it in audit mode, or start it again in enforce mode",
+            agent.name
+        ));
+    }
+    Ok(())
+}
+
+/// Puts `next`'s spec, adjustments, requested and effective policy in force for `agent`:
+/// the kernel first (one map update switches the agent to the new rules), then its state;
+/// on failure nothing changes.
+pub(super) fn switch(daemon: &Daemon, agent: &AgentState, next: Live) -> Result<(), String> {
+    let mut live = agent.live.locked();
+    let old = (
+        std::mem::replace(&mut live.spec, next.spec),
+        std::mem::replace(&mut live.adjustments, next.adjustments),
+        std::mem::replace(&mut live.requested, next.requested),
+        std::mem::replace(&mut live.policy, next.policy),
+    );
+    if let Err(e) = sync_kernel(daemon, agent, &mut live, true) {
+        (live.spec, live.adjustments, live.requested, live.policy) = old;
+        return Err(format!("the kernel kept the old policy: {e:#}"));
+    }
+    Ok(())
+}
+
+/// Records a policy change of `agent` (from `from` to what it has now).
+pub(super) fn changed(daemon: &Daemon, agent: &AgentState, from: &Version, cause: &str) {
+    let to = Version::of(&agent.live.locked().policy);
+    daemon.metrics.policy_updates.inc();
+    daemon.audit_agent(
+        agent,
+        "policy_updated",
+        serde_json::json!({
+            "cause": cause,
+            "from": from,
+            "to": to,
+        }),
+    );
+}
+
 /// Re-intersects the agents launched from inside `p` with its current policy.
-fn narrow_children(daemon: &Daemon, p: &AgentState) {
+pub(super) fn narrow_children(daemon: &Daemon, p: &AgentState) {
     let parent = &p.name;
     let children: Vec<Arc<AgentState>> = daemon
         .agents
@@ -1075,10 +1179,11 @@ pub fn on_budget(daemon: &Arc<Daemon>, e: &agentd_common::events::BudgetEvent) -
     use crate::budgets::Action;
     use std::sync::atomic::Ordering::SeqCst;
     let agent = daemon.agent_by_id(e.header.agent)?;
+    let host_budgets = daemon.settings.locked().host_budgets.clone();
     let (class, breaker) = {
         let live = agent.live.locked();
         let budgets = if e.host != 0 {
-            &daemon.config.host_budgets
+            &host_budgets
         } else {
             &live.policy.budgets
         };
@@ -1324,9 +1429,10 @@ pub async fn run(
         }
     };
     let state = prepared.state;
+    let max_agents = daemon.settings.locked().max_agents;
     let admitted = {
         let mut agents = daemon.agents.locked();
-        let room = agents.len() < daemon.config.max_agents;
+        let room = agents.len() < max_agents;
         if room {
             agents.insert(state.name.clone(), state.clone());
         }
@@ -1337,7 +1443,7 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || teardown(&d, &s)).await;
         let message = format!(
             "{} agents are running, the most this host allows (agents.max in {})",
-            daemon.config.max_agents,
+            max_agents,
             daemon
                 .config
                 .path

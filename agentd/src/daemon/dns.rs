@@ -110,7 +110,8 @@ async fn handle(
     over_tcp: bool,
 ) -> Option<Vec<u8>> {
     let hosts = agent.live.locked().policy.network.hosts.clone();
-    let answer = resolver::answer(query, &hosts, &daemon.upstream, over_tcp).await;
+    let upstream = daemon.settings.locked().upstream.clone();
+    let answer = resolver::answer(query, &hosts, &upstream, over_tcp).await;
     let count = |f: fn(&mut crate::protocol::Counters)| {
         f(daemon.counters.locked().entry(agent.id).or_default());
     };

@@ -15,6 +15,7 @@ pub(crate) mod adopt;
 mod agents;
 mod dns;
 mod peer;
+pub(crate) mod reload;
 mod serve;
 mod trail;
 
@@ -64,8 +65,11 @@ pub struct Daemon {
     pub policy_ids: std::sync::atomic::AtomicU64,
     /// Resolver addresses in use (see [`dns::Slot`]).
     pub dns_slots: Mutex<std::collections::BTreeSet<u16>>,
-    /// Where agents' resolvers forward allowed queries.
-    pub upstream: Vec<std::net::SocketAddr>,
+    /// What `agentd reload` (SIGHUP) can change: the configuration's keys that take effect
+    /// without a restart.
+    pub settings: Mutex<reload::Settings>,
+    /// Held for a whole reload: two never interleave.
+    pub reloading: Mutex<()>,
     /// What enforces file rules on this host.
     pub file_enforcers: crate::files::Enforcers,
     /// Paths no agent may write, whatever its profile says (agentd's own files, bpffs,
@@ -408,13 +412,8 @@ pub async fn run(config: Config) -> Result<()> {
         .into_iter()
         .chain([adopt::records_dir(&config)])
         .collect();
-    let upstream = match &config.dns_upstream {
-        Some(list) => list.clone(),
-        None => crate::network::resolver::upstream_from_resolv_conf(
-            &fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-        ),
-    };
-    if upstream.is_empty() {
+    let settings = reload::Settings::of(&config);
+    if settings.upstream.is_empty() {
         eprintln!(
             "agentd: no upstream DNS resolver (dns.upstream, /etc/resolv.conf): agents' allowed names will not resolve"
         );
@@ -458,7 +457,8 @@ pub async fn run(config: Config) -> Result<()> {
         admin_gid,
         policy_ids: std::sync::atomic::AtomicU64::new(1),
         dns_slots: Mutex::new(std::collections::BTreeSet::new()),
-        upstream,
+        settings: Mutex::new(settings),
+        reloading: Mutex::new(()),
         file_enforcers,
         protected,
         hidden,
@@ -594,7 +594,13 @@ pub async fn run(config: Config) -> Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => eprintln!("agentd: SIGHUP: reloading is not supported by this version; nothing changed"),
+            _ = hup.recv() => {
+                let d = daemon.clone();
+                tokio::task::spawn_blocking(move || match reload::reload(&d) {
+                    Ok(report) => eprintln!("agentd: SIGHUP: {}", report.summary()),
+                    Err((message, _)) => eprintln!("agentd: SIGHUP: reload refused, nothing changed: {message}"),
+                });
+            }
             _ = usr1.recv() => {
                 eprintln!("agentd: SIGUSR1: the kill switch for every agent");
                 let d = daemon.clone();

@@ -253,6 +253,24 @@ pub async fn serve(daemon: Arc<Daemon>, mut stream: UnixStream, socket: Socket) 
                 },
             }
         }
+        (Request::Reload, Socket::Control) => {
+            let d = daemon.clone();
+            match tokio::task::spawn_blocking(move || super::reload::reload(&d)).await {
+                Ok(Ok(report)) => {
+                    eprintln!("agentd: {}", report.summary());
+                    Reply::Reloaded { report }
+                }
+                Ok(Err((message, exit_code))) => {
+                    let message = format!("reload refused, nothing was changed: {message}");
+                    eprintln!("agentd: {message}");
+                    Reply::Error { message, exit_code }
+                }
+                Err(e) => Reply::Error {
+                    message: format!("reload failed: {e}"),
+                    exit_code: EXIT_AGENTD,
+                },
+            }
+        }
         (Request::Update(req), Socket::Control) => {
             let d = daemon.clone();
             match tokio::task::spawn_blocking(move || agents::update(&d, &req)).await {

@@ -3,11 +3,13 @@
 //! An agent may ptrace, read the /proc files of (environ, mem, maps: the kernel checks
 //! those as ptrace access), or signal only processes of its own agent: not the daemon,
 //! not the host's processes, not other agents. Where BPF LSM is refused, Landlock's
-//! scoping (ptrace, and signals from ABI 6) applies the same rule.
+//! scoping (ptrace, and signals from ABI 6) applies the same rule. These are agentd's own
+//! invariants, not a profile's rules: they hold in audit mode too (an agent in audit mode
+//! could otherwise kill the daemon or trace it).
 
 use agentd_common::{
-    agent::{AGENT_FLAG_AUDIT, AGENT_FLAG_KILLED},
-    events::{EVENT_PROC, HOOK_PTRACE, HOOK_TASK_KILL, ProcEvent, VERDICT_AUDIT, VERDICT_DENY},
+    agent::AGENT_FLAG_KILLED,
+    events::{EVENT_PROC, HOOK_PTRACE, HOOK_TASK_KILL, ProcEvent, VERDICT_DENY},
 };
 use aya_ebpf::{macros::lsm, programs::LsmContext};
 
@@ -32,22 +34,13 @@ fn judge(hook: u32, target: *const u8, signal_or_mode: u32, errno: i32) -> i32 {
     if entry.is_some() && !killed && target_agent == Some(id) {
         return 0;
     }
-    let audit = entry.is_some_and(|e| e.flags & AGENT_FLAG_AUDIT != 0) && !killed;
     let event = ProcEvent {
-        header: events::header(
-            EVENT_PROC,
-            hook,
-            id,
-            if audit { VERDICT_AUDIT } else { VERDICT_DENY },
-        ),
+        header: events::header(EVENT_PROC, hook, id, VERDICT_DENY),
         target_pid: read::<u32>(target, offsets().task_tgid).unwrap_or(0),
         signal_or_mode,
         target_agent: target_agent.unwrap_or(0),
     };
     events::emit(&event);
-    if audit {
-        return 0;
-    }
     crate::budgets::denied(id, hook);
     -errno
 }

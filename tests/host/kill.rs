@@ -258,6 +258,17 @@ fn sigusr1_to_the_daemon_kills_every_agent() {
 /// and records, or read the records and the audit log (nor so take the log's lock).
 #[test]
 fn an_agent_cannot_signal_or_trace_the_daemon_or_undo_its_containment() {
+    hostile_agent_is_held(&[]);
+}
+
+/// The same in audit mode, where nothing its profile says is denied: agentd's own paths
+/// and processes still are.
+#[test]
+fn an_agent_in_audit_mode_cannot_undo_its_containment_either() {
+    hostile_agent_is_held(&["--audit"]);
+}
+
+fn hostile_agent_is_held(flags: &[&str]) {
     let d = TestDaemon::start(&[("plain", PLAIN)]);
     let cg = d.root.join("hostile");
     let links = d.bpffs.join("links");
@@ -283,19 +294,22 @@ fn an_agent_cannot_signal_or_trace_the_daemon_or_undo_its_containment() {
         records = d.dir.path().join("agents").display(),
         audit = d.audit_path().display(),
     );
-    let out = d.run(&[
-        "--profile",
-        "plain",
-        "--name",
-        "hostile",
-        "--user",
-        "root",
-        "--degraded-ok",
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]);
+    let out = d.run(
+        &[
+            "--profile",
+            "plain",
+            "--name",
+            "hostile",
+            "--user",
+            "root",
+            "--degraded-ok",
+        ]
+        .iter()
+        .chain(flags)
+        .chain(&["--", "/bin/sh", "-c", &script])
+        .copied()
+        .collect::<Vec<_>>(),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     for what in [
         "kill",

@@ -365,3 +365,67 @@ fn a_restarted_daemon_replaces_the_bpf_lsm_links_and_the_rules_hold() {
     assert!(!d.root.join("probe").exists());
     let _ = agent.child.wait();
 }
+
+/// Audit mode on BPF LSM: a file access the profile denies is logged as would-deny and
+/// goes through; the same rules reloaded in enforce mode deny it, in the same process.
+#[test]
+fn audit_mode_logs_a_file_would_deny_and_a_reload_enforces_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    require_vm();
+    let files = TempDir::new("audit-lsm");
+    let secret = files.write("secret", "s3cret");
+    for (p, mode) in [(files.path(), 0o755), (&secret, 0o644)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let profile = |version: &str, mode: &str| {
+        format!(
+            "name = \"trial\"\nversion = \"{version}\"\nmode = \"{mode}\"\n[files]\ndefault = \"allow\"\ndeny = [\"{}\"]\n",
+            secret.display()
+        )
+    };
+    let d = agentd_tests::TestDaemon::with(agentd_tests::DaemonSetup {
+        profiles: &[("trial", &profile("1.0.0", "audit"))],
+        extra_config: "[files]\nenforcers = [\"lsm\"]\n",
+        ..Default::default()
+    });
+    let mut agent = agentd_tests::Probe::start(&d, &act_bin!(), "trial", "trial", &[]);
+    let open = format!("open {}", secret.display());
+    let v = agent.ask(&open);
+    assert_eq!(v["ok"], true, "audit mode denies nothing: {v}");
+    let logged = |kind: &str, version: &str| {
+        d.audit_records().iter().any(|r| {
+            r["kind"] == kind
+                && r["agent"] == "trial"
+                && r["version"] == version
+                && r["details"]["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("/secret"))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || logged("would_deny", "1.0.0")),
+        "no would_deny record for the secret: {:?}",
+        d.audit_records()
+    );
+    assert!(!logged("file_denied", "1.0.0"), "nothing was denied");
+    std::fs::write(
+        d.dir.path().join("profiles/trial.toml"),
+        profile("1.1.0", "enforce"),
+    )
+    .unwrap();
+    let out = d.agentd().arg("reload").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = agent.ask(&open);
+    assert_eq!(
+        (&v["ok"], &v["errno"]),
+        (
+            &serde_json::Value::Bool(false),
+            &serde_json::Value::from(libc::EACCES)
+        ),
+        "enforced after the reload: {v}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || logged("file_denied", "1.1.0")),
+        "no file_denied record naming version 1.1.0"
+    );
+}

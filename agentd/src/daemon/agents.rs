@@ -712,20 +712,33 @@ fn prepare(
     chown(&tmp, Some(identity.uid), Some(identity.gid))
         .map_err(|e| cleanup_tmp(format!("chown {}: {e}", tmp.display())))?;
     // Landlock, where the kernel has it: built once the private tmp exists (a rule on a
-    // path that does not exist grants nothing), applied by the child before exec. Always
-    // in enforce mode, even for a profile that allows every file: the domain also keeps the
-    // agent from tracing, reading /proc/<pid>/mem of, or signalling processes outside it.
-    let files_policy = &live.policy.files;
+    // path that does not exist grants nothing), applied by the child before exec. Always,
+    // even for a profile that allows every file: the domain also keeps the agent from
+    // tracing, reading /proc/<pid>/mem of, or signalling processes outside it.
+    //
+    // In audit mode nothing the profile says is denied, but agentd's own paths still are
+    // (an agent running as root could otherwise write its cgroup's files, or the pins, or
+    // kill the daemon): the domain then allows everything else, and the agent's tmp and
+    // workdir.
+    let shield = (live.policy.mode == Mode::Audit).then(|| {
+        let mut shield = Policy::empty();
+        shield.files.default_allow = agentd_common::files::ACCESS_ALL;
+        protect(daemon, &mut shield);
+        for p in [&tmp, &workdir] {
+            shield.files.add(p, agentd_common::files::ACCESS_ALL, 0);
+        }
+        shield.files
+    });
     let landlock = match daemon.file_enforcers.landlock {
-        Some(abi) if live.policy.mode == Mode::Enforce => {
-            let plan = files::landlock::compile(files_policy)
+        Some(abi) => {
+            let plan = files::landlock::compile(shield.as_ref().unwrap_or(&live.policy.files))
                 .map_err(|e| cleanup_tmp(format!("file rules: {e:#}")))?;
             Some(
                 files::landlock::ruleset(&plan, abi as i32)
                     .map_err(|e| cleanup_tmp(format!("{e:#}")))?,
             )
         }
-        _ => None,
+        None => None,
     };
     let cgroup_procs = launcher::open_cgroup_procs(cgroup.path())
         .map_err(|e| cleanup_tmp(format!("opening cgroup.procs: {e}")))?;
@@ -757,7 +770,8 @@ fn prepare(
         notifier: Mutex::new(None),
         process_gate: Mutex::new(None),
         adopted: false,
-        landlocked: landlock.is_some(),
+        // Its profile's file rules, not only agentd's own paths (audit mode).
+        landlocked: landlock.is_some() && shield.is_none(),
     };
     if let Err(e) = sync_kernel(daemon, &state, &mut live, true) {
         let mut kernel = daemon.kernel.locked();

@@ -100,8 +100,15 @@ fn a_running_agent_moves_to_a_new_profile_version_without_restart() {
     assert_eq!(connect(&mut agent, a_addr), ALLOWED);
     assert_eq!(connect(&mut agent, b_addr), DENIED);
 
-    // Version 2 allows b and no longer a.
-    write_profile(&d, "p", &profile("p", "2.0.0", "enforce", &[b_addr]));
+    // Version 2 allows b and no longer a, and denies a file.
+    write_profile(
+        &d,
+        "p",
+        &format!(
+            "{}deny = [\"/etc/hostname\"]\n",
+            profile("p", "2.0.0", "enforce", &[b_addr])
+        ),
+    );
     let out = cli(&d, &["reload", "--json"]);
     assert!(out.status.success(), "reload: {out:?}");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -128,6 +135,25 @@ fn a_running_agent_moves_to_a_new_profile_version_without_restart() {
         "{report}"
     );
     assert_eq!(moved("bystander")["changed"], false, "{report}");
+    // Where Landlock enforces the file rules (no BPF LSM: this build host), they are those
+    // of the agent's start, and the reload says so; `inspect` shows the rules that hold.
+    let landlock_only = d.log().contains("BPF LSM is not usable here");
+    let note = moved("mover")["note"].as_str().unwrap_or("").to_string();
+    assert_eq!(
+        note.contains("file rules stay as they were at its start"),
+        landlock_only,
+        "{report}"
+    );
+    let inspect = cli(&d, &["inspect", "mover", "--json"]);
+    let inspect: Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(
+        inspect["policy"]["files"]["rules"]
+            .as_object()
+            .unwrap()
+            .contains_key("/etc/hostname"),
+        !landlock_only,
+        "the file rules that hold"
+    );
     // The same process, under the new rules.
     accepted(&b); // drained
     assert_eq!(connect(&mut agent, b_addr), ALLOWED);

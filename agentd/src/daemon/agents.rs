@@ -832,6 +832,7 @@ pub(super) fn empty_live() -> Live {
 /// `agentd update`: a new policy for a running agent (and, narrowed by it, for the agents it
 /// launched), in force at once for everything the kernel decides per operation.
 pub fn update(daemon: &Daemon, req: &UpdateRequest) -> Result<Reply, Refusal> {
+    let _one = daemon.policy_change.locked();
     let agent = daemon
         .agent(&req.agent)
         .ok_or_else(|| (format!("no agent named `{}` is running", req.agent), 1))?;
@@ -851,7 +852,8 @@ pub fn update(daemon: &Daemon, req: &UpdateRequest) -> Result<Reply, Refusal> {
     let profile = load_profile(daemon, &spec)?;
     let mut requested = Policy::from_profile(&profile, &placeholders);
     requested.adjust(&adjustments).map_err(refuse)?;
-    let policy = policy_for(daemon, &agent, &requested);
+    let mut policy = policy_for(daemon, &agent, &requested);
+    launch_files(daemon, &agent, &mut policy);
     can_take(daemon, &agent, &policy).map_err(refuse)?;
     let from = Version::of(&agent.live.locked().policy);
     switch(
@@ -914,6 +916,20 @@ pub(super) fn policy_for(daemon: &Daemon, agent: &AgentState, requested: &Policy
         return policy.intersect(&current, &agent.name);
     }
     policy
+}
+
+/// Without BPF LSM, an agent restricted by Landlock keeps the file rules it was started
+/// with, whatever its policy says later (nothing can change a running process's Landlock
+/// rules): puts them back into `policy`, so that `inspect` shows the rules that hold.
+/// Returns whether the new file rules differed from them.
+pub(super) fn launch_files(daemon: &Daemon, agent: &AgentState, policy: &mut Policy) -> bool {
+    if daemon.file_enforcers.lsm || !agent.landlocked {
+        return false;
+    }
+    let current = agent.live.locked().policy.files.clone();
+    let differ = policy.files != current;
+    policy.files = current;
+    differ
 }
 
 /// Whether `agent` can be held to `policy` by this host's enforcers. An agent started in

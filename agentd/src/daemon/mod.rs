@@ -68,8 +68,9 @@ pub struct Daemon {
     /// What `agentd reload` (SIGHUP) can change: the configuration's keys that take effect
     /// without a restart.
     pub settings: Mutex<reload::Settings>,
-    /// Held for a whole reload: two never interleave.
-    pub reloading: Mutex<()>,
+    /// Held for a whole reload or `agentd update`: a reload never applies a plan made
+    /// before an update it did not see, and two reloads never interleave.
+    pub policy_change: Mutex<()>,
     /// What enforces file rules on this host.
     pub file_enforcers: crate::files::Enforcers,
     /// Paths no agent may write, whatever its profile says (agentd's own files, bpffs,
@@ -458,7 +459,7 @@ pub async fn run(config: Config) -> Result<()> {
         policy_ids: std::sync::atomic::AtomicU64::new(1),
         dns_slots: Mutex::new(std::collections::BTreeSet::new()),
         settings: Mutex::new(settings),
-        reloading: Mutex::new(()),
+        policy_change: Mutex::new(()),
         file_enforcers,
         protected,
         hidden,

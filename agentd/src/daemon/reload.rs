@@ -167,7 +167,7 @@ struct Step {
 /// Reads and checks everything, then moves every running agent to its profile's current
 /// version. `Err` changes nothing.
 pub fn reload(daemon: &Arc<Daemon>) -> Result<Report, Refusal> {
-    let _one = daemon.reloading.locked();
+    let _one = daemon.policy_change.locked();
     let result = plan_and_apply(daemon);
     match &result {
         Ok(report) => {
@@ -347,25 +347,25 @@ fn plan(
             // Its parent has ended: what it has now is the most it can ever have.
             policy = policy.intersect(&current, &agent.name);
         }
+        let mut notes = Vec::new();
+        if agents::launch_files(daemon, &agent, &mut policy) {
+            notes.push(
+                "its file rules stay as they were at its start (Landlock is fixed at launch, and BPF LSM \
+                 is not usable here): the new file rules apply to agents started from now on",
+            );
+        }
         planned.insert(agent.id, (policy.clone(), agent.name.clone()));
         if policy == current {
             steps.push(Step {
                 agent,
                 from,
                 next: None,
-                note: None,
+                note: (!notes.is_empty()).then(|| notes.join("; ")),
             });
             continue;
         }
         agents::can_take(daemon, &agent, &policy).map_err(refuse)?;
-        let mut notes = Vec::new();
         let lsm = daemon.file_enforcers.lsm;
-        if !lsm && agent.landlocked && policy.files != current.files {
-            notes.push(
-                "its file rules stay as they were at its start (Landlock is fixed at launch, and BPF LSM \
-                 is not usable here): the new file rules apply to agents started from now on",
-            );
-        }
         if policy.mode == Mode::Audit && current.mode == Mode::Enforce {
             notes.push(if !lsm && agent.landlocked {
                 "audit mode covers egress, DNS names and budgets from now on; its seccomp filter and \

@@ -242,15 +242,15 @@ fn plan_and_apply(daemon: &Arc<Daemon>) -> Result<Report, Refusal> {
     })
 }
 
-/// Every profile of the profiles directory, parsed; any error refuses the reload, naming
-/// each file, line and key.
+/// Every profile of the profiles directory, parsed (and named as its file is); any error
+/// refuses the reload, naming each file, line and key.
 fn read_profiles(config: &Config) -> Result<BTreeMap<String, Profile>, Refusal> {
     let list = profile::list(&config.profiles_dir)
         .map_err(|e| refuse(format!("{}: {e}", config.profiles_dir.display())))?;
     let mut out = BTreeMap::new();
     let mut errors = Vec::new();
-    for (name, path) in list {
-        match profile::load_file(&path) {
+    for (name, _) in list {
+        match profile::load_named(&config.profiles_dir, &name) {
             Ok(p) => {
                 out.insert(name, p);
             }

@@ -509,12 +509,63 @@ pub struct Problem {
     pub message: String,
 }
 
+/// Opens the files of the log at `path` (oldest first) while no writer can rotate it: under
+/// a shared lock on its `.lock` file, which writers take exclusively. Otherwise a rotation
+/// between listing the files and opening them would shift their names, and a file would
+/// be read twice or not at all (seen as records removed). Each file is read up to the
+/// length it had then (a record being written after is not half read). If a writer holds
+/// the lock for more than 2 s (stopped in the middle of a write), they are opened without.
+pub fn open_log(path: &Path) -> Result<Vec<(PathBuf, std::io::Take<File>)>> {
+    use std::io::Read as _;
+    use std::os::fd::AsRawFd as _;
+    let lock = File::open(format!("{}.lock", path.display())).ok();
+    let locked = lock.as_ref().is_some_and(|l| {
+        let deadline = Instant::now() + LOCK_TIMEOUT;
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(l.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let opened = files_of(path)
+        .into_iter()
+        .map(|f| {
+            let file = File::open(&f).with_context(|| format!("opening {}", f.display()))?;
+            let len = file.metadata()?.len();
+            Ok((f, file.take(len)))
+        })
+        .collect();
+    if locked {
+        // SAFETY: as above.
+        unsafe { libc::flock(lock.as_ref().map_or(-1, |l| l.as_raw_fd()), libc::LOCK_UN) };
+    }
+    opened
+}
+
 /// Walks the chain through `files` (oldest first). The first record's `prev` is taken as
 /// given (older files may have been rotated away), unless it is record 1.
 pub fn verify(files: &[PathBuf]) -> Result<Verdict> {
+    use std::io::Read as _;
+    let opened = files
+        .iter()
+        .map(|f| {
+            let file = File::open(f).with_context(|| format!("opening {}", f.display()))?;
+            Ok((f.clone(), file.take(u64::MAX)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    verify_open(opened)
+}
+
+/// [`verify`] of files already open.
+pub fn verify_open(files: Vec<(PathBuf, std::io::Take<File>)>) -> Result<Verdict> {
     let mut lines: Vec<(PathBuf, usize, String)> = Vec::new();
-    for f in files {
-        let file = File::open(f).with_context(|| format!("opening {}", f.display()))?;
+    let names: Vec<PathBuf> = files.iter().map(|(f, _)| f.clone()).collect();
+    for (f, file) in files {
         for (i, line) in BufReader::new(file).lines().enumerate() {
             let line = line.with_context(|| format!("reading {}", f.display()))?;
             if !line.trim().is_empty() {
@@ -527,7 +578,7 @@ pub fn verify(files: &[PathBuf]) -> Result<Verdict> {
         records: 0,
         first_seq: None,
         last_seq: None,
-        files: files.to_vec(),
+        files: names,
         problem: None,
     };
     let parsed: Vec<Option<Value>> = lines
@@ -750,6 +801,32 @@ mod tests {
             (v.records, v.first_seq, v.last_seq),
             (41, Some(1), Some(41))
         );
+    }
+
+    /// `audit verify` of a live log while its writer rotates it: every snapshot is a whole
+    /// chain (listing the files, then opening them, without the lock would sometimes skip
+    /// or repeat a file whose name had shifted, and read a record half written).
+    #[test]
+    fn a_log_read_while_it_rotates_is_whole() {
+        let d = dir("live");
+        let path = d.join("audit.jsonl");
+        let mut log = AuditLog::open(&path, 1500, 1000).unwrap();
+        log.append(&who("w"), "test", json!({"i": 0}), false).unwrap();
+        let writer = std::thread::spawn(move || {
+            for i in 1..1500 {
+                log.append(&who("w"), "test", json!({"i": i}), false).unwrap();
+            }
+        });
+        let mut reads = 0;
+        while !writer.is_finished() || reads == 0 {
+            let v = verify_open(open_log(&path).unwrap()).unwrap();
+            assert!(v.ok, "read {reads}: {:?}", v.problem);
+            assert_eq!(v.first_seq, Some(1));
+            assert_eq!(Some(v.records), v.last_seq, "no gap");
+            reads += 1;
+        }
+        writer.join().unwrap();
+        assert!(files_of(&path).len() > 100, "it rotated while read");
     }
 
     #[test]

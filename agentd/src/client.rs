@@ -667,19 +667,23 @@ pub fn events(
 
 /// `agentd audit verify [FILES...]`.
 pub fn audit_verify(config: &Config, files: Vec<PathBuf>, json: bool) -> i32 {
-    let files = if files.is_empty() {
-        crate::audit::files_of(&config.audit_path)
+    // The live log is opened as it stands, without a rotation in the middle.
+    let verdict = if files.is_empty() {
+        match crate::audit::open_log(&config.audit_path) {
+            Ok(files) if files.is_empty() => {
+                eprintln!(
+                    "agentd: no audit log at {} (audit.path)",
+                    config.audit_path.display()
+                );
+                return 1;
+            }
+            Ok(files) => crate::audit::verify_open(files),
+            Err(e) => Err(e),
+        }
     } else {
-        files
+        crate::audit::verify(&files)
     };
-    if files.is_empty() {
-        eprintln!(
-            "agentd: no audit log at {} (audit.path)",
-            config.audit_path.display()
-        );
-        return 1;
-    }
-    let verdict = match crate::audit::verify(&files) {
+    let verdict = match verdict {
         Ok(v) => v,
         Err(e) => {
             eprintln!("agentd: {e:#}");

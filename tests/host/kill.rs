@@ -109,6 +109,21 @@ fn a_fork_bomb_that_double_forks_and_calls_setsid_is_fully_dead_after_kill() {
         "the run client reports the kill"
     );
     assert!(d.log().contains("kill switch: killed"), "{}", d.log());
+    let ended: Vec<Value> = d
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["agent"] == marker.as_str() && r["kind"] == "agent_ended")
+        .collect();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(
+        (
+            &ended[0]["details"]["killed"],
+            &ended[0]["details"]["killed_by"]
+        ),
+        (&Value::Bool(true), &Value::from("kill switch")),
+        "{}",
+        ended[0]
+    );
 }
 
 #[test]

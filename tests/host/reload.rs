@@ -60,7 +60,7 @@ const ALLOWED: (bool, Option<i64>) = (true, None);
 
 /// The agent's entry in `agentd ps --json`.
 fn ps(d: &TestDaemon, agent: &str) -> Value {
-    let out = cli(&d, &["ps", "--json"]);
+    let out = cli(d, &["ps", "--json"]);
     assert!(out.status.success(), "ps: {out:?}");
     let all: Value = serde_json::from_slice(&out.stdout).unwrap();
     all.as_array()

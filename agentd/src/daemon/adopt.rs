@@ -357,6 +357,7 @@ fn adopt_one(daemon: &Arc<Daemon>, r: Record) -> Result<Arc<AgentState>> {
         resolver: Mutex::new(None),
         adopted: true,
         landlocked: r.landlocked,
+        killed_by: Mutex::new(r.killed.then(|| "kill switch".to_string())),
     };
     let mut live = Live {
         spec: r.spec,

@@ -116,6 +116,8 @@ pub struct AgentState {
     pub(super) adopted: bool,
     /// Restricted by a Landlock ruleset at launch (which nothing can lift or widen later).
     pub(super) landlocked: bool,
+    /// What killed it, if agentd did: `kill switch`, `budget CLASS`, `breaker`.
+    pub(super) killed_by: Mutex<Option<String>>,
 }
 
 impl AgentState {
@@ -772,6 +774,7 @@ fn prepare(
         adopted: false,
         // Its profile's file rules, not only agentd's own paths (audit mode).
         landlocked: landlock.is_some() && shield.is_none(),
+        killed_by: Mutex::new(None),
     };
     if let Err(e) = sync_kernel(daemon, &state, &mut live, true) {
         let mut kernel = daemon.kernel.locked();
@@ -1041,11 +1044,10 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
             eprintln!("agentd: agent {}: {e:#}", a.name);
         }
         daemon.ended(a);
-        daemon.audit_agent(
-            a,
-            "agent_ended",
-            serde_json::json!({"pid": *a.pid.locked(), "killed": a.killed.load(std::sync::atomic::Ordering::SeqCst)}),
-        );
+        daemon.audit_agent(a, "agent_ended", {
+            let by = a.killed_by.locked().clone();
+            serde_json::json!({"pid": *a.pid.locked(), "killed": by.is_some(), "killed_by": by})
+        });
     }
     // Stops the resolver tasks and frees the address.
     drop(a.resolver.locked().take());
@@ -1241,6 +1243,13 @@ pub fn on_budget(daemon: &Arc<Daemon>, e: &agentd_common::events::BudgetEvent) -
         Action::Log => "reported".to_string(),
         Action::Deny => "refused".to_string(),
         Action::Kill => {
+            agent.killed_by.locked().get_or_insert_with(|| {
+                if tripped {
+                    "breaker".to_string()
+                } else {
+                    format!("budget {class}")
+                }
+            });
             let _ = fs::write(cgroup.join("cgroup.kill"), "1");
             "agent killed".to_string()
         }
@@ -1354,6 +1363,9 @@ pub fn kill_switch(
     if action == K::Kill {
         for a in &targets {
             a.killed.store(true, SeqCst);
+            a.killed_by
+                .locked()
+                .get_or_insert_with(|| "kill switch".to_string());
             let entry = entry_of(daemon, a, &a.live.locked());
             // Only while it has its cgroup (teardown may be under way).
             if a.cgroup.locked().is_some() {

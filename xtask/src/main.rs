@@ -5,12 +5,15 @@
 //! - `test`: unit tests, host integration tests (root), VM tests (BPF LSM kernels).
 //! - `vm`: boot a test kernel with the current binaries, for tests or an interactive look.
 //! - `daemon`: build and run the daemon in the foreground with this checkout's profiles.
+//! - `demo`: what agentd does, in a short story on a fresh machine (setup, build, a daemon
+//!   of its own, two agents), leaving nothing behind.
 //! - `bench`: measure agentd's overhead and kill switch latency; writes bench/RESULTS.md
 //!   and bench/results.json (as root; not part of `test`).
 
 mod bench;
 mod build;
 mod daemon;
+mod demo;
 mod setup;
 mod test;
 mod util;
@@ -33,7 +36,7 @@ enum Task {
     Setup(setup::Options),
     /// Build the eBPF object and the agentd binary (release); prints the binary's path.
     Build(build::Options),
-    /// Run every test stage (unit, host, vm) and end with one `N passed, N failed` line.
+    /// Run every test stage (unit, host, demo, vm) and end with one `N passed, N failed` line.
     ///
     /// Examples:
     ///   cargo xtask test                  # all stages
@@ -47,6 +50,13 @@ enum Task {
     /// Build agentd and run its daemon in the foreground with this checkout's profiles
     /// (as root). Prints how to start an agent against it.
     Daemon(daemon::Options),
+    /// See what agentd does, in a short story (as root; the first command on a fresh machine).
+    ///
+    /// Sets up and builds what is missing, runs a daemon of its own in a temporary root,
+    /// and shows an agent allowed one download, denied a connect and a secret, killed by its
+    /// process budget, its audit trail, and the kill switch; then removes everything it
+    /// created. Exits non-zero if anything did not behave as it says.
+    Demo(demo::Options),
     /// Measure what agentd costs (system calls outside and inside agents) and how fast its
     /// kill switch is; writes bench/RESULTS.md and bench/results.json (as root; takes
     /// several minutes, `--quick` under 2). Not part of `test`.
@@ -64,6 +74,7 @@ fn main() {
         Task::Test(opts) => test::run(opts),
         Task::Vm(opts) => vm::run(opts),
         Task::Daemon(opts) => daemon::run(opts),
+        Task::Demo(opts) => demo::run(opts),
         Task::Bench(opts) => bench::run(opts),
         Task::BenchLoop(opts) => bench::run_loop(opts),
     };

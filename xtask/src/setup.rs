@@ -23,6 +23,10 @@ pub struct Options {}
 /// - libseccomp-dev: libseccomp's static library and headers (the launcher's seccomp filter).
 /// - qemu-system-x86, busybox-static, cpio, gzip: the VM test stage.
 /// - iproute2: network namespaces in the egress tests.
+/// - systemd: `systemd-analyze verify` of packaging/agentd.service in the install tests
+///   (the package only; systemd need not be PID 1). Those tests also use setpriv and
+///   unshare, from util-linux, which Debian always has (Essential).
+/// - python3: what the agent of `cargo xtask demo` runs (not in every Debian 12 install).
 const DEBIAN_PACKAGES: &[&str] = &[
     "libseccomp-dev",
     "qemu-system-x86",
@@ -30,6 +34,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "cpio",
     "gzip",
     "iproute2",
+    "systemd",
+    "python3",
 ];
 
 /// bpf-linker release that builds against the nightly's LLVM (see shared/ENVIRONMENT.md).

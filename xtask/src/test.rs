@@ -3,6 +3,8 @@
 //! Stages:
 //! - unit: `cargo test` of the libraries and binaries; needs no root.
 //! - host: `tests/host`, as root, against the running kernel.
+//! - demo: `cargo xtask demo` (with the agentd the host stage built), then a look for any
+//!   cgroup, pin directory, temporary directory or process it left behind; one test.
 //! - vm: `tests/vm` inside each VM kernel that `cargo xtask setup` installed (BPF LSM).
 //!
 //! A stage that cannot run (not root, no kernel, a build failure, a VM that does not report
@@ -12,6 +14,7 @@ use std::{
     io::{BufRead as _, BufReader},
     path::Path,
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow};
@@ -25,12 +28,13 @@ use crate::{
 pub enum Stage {
     Unit,
     Host,
+    Demo,
     Vm,
 }
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Run only these stages (repeatable). Default: unit, host, vm.
+    /// Run only these stages (repeatable). Default: unit, host, demo, vm.
     #[arg(long, value_enum)]
     stage: Vec<Stage>,
     /// VM kernel series to boot (repeatable), e.g. 6.1. Default: every installed one.
@@ -84,6 +88,8 @@ pub struct StageResult {
     pub counts: Counts,
     /// Why the stage could not run or report, if it did not.
     pub problem: Option<String>,
+    /// Why its test failed, for a stage that is one test (counted in `counts.failed`).
+    pub failure: Option<String>,
     pub secs: f64,
 }
 
@@ -96,6 +102,9 @@ impl StageResult {
         );
         if let Some(p) = &self.problem {
             s.push_str(&format!(" -- FAILED TO RUN: {p}"));
+        }
+        if let Some(f) = &self.failure {
+            s.push_str(&format!(" -- FAILED: {f}"));
         }
         s
     }
@@ -150,14 +159,11 @@ fn host(opts: &Options) -> StageResult {
             problem: Some(
                 "the host stage loads BPF programs and creates cgroups: run it as root".into(),
             ),
+            failure: None,
             secs: 0.0,
         };
     }
-    let built = Command::new("cargo")
-        .current_dir(workspace_root())
-        .args(["build", "--bins"])
-        .status();
-    if !matches!(built, Ok(s) if s.success()) {
+    if !build_bins() {
         return finish(
             "host",
             timer,
@@ -170,6 +176,153 @@ fn host(opts: &Options) -> StageResult {
     cmd.args(["test", "--test", "host", "--", "--test-threads=1"]);
     cmd.args(filter_args(&opts.filter));
     finish("host", timer, run_counting(&mut cmd, ""))
+}
+
+/// The debug binaries (agentd, agentd-act) the host and demo stages use.
+fn build_bins() -> bool {
+    let built = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["build", "--bins"])
+        .status();
+    matches!(built, Ok(s) if s.success())
+}
+
+/// How long the demo may take (it takes seconds) before it is interrupted (SIGINT, so that
+/// its guard cleans up), and then killed.
+const DEMO_TIMEOUT: Duration = Duration::from_secs(300);
+const DEMO_GRACE: Duration = Duration::from_secs(60);
+
+/// `xtask demo --agentd target/debug/agentd` (the binary the host stage built: the release
+/// build of `cargo xtask demo` would add minutes, and setup is the test command's premise),
+/// then the check that it left nothing behind: no `<cgroup2>/agentd-demo-*` cgroup, no
+/// `/sys/fs/bpf/agentd-demo-*` directory, no `$TMPDIR/agentd-demo-*` directory, no process
+/// whose command line, environment or cgroup names one, that was not there before. One
+/// test: it passes if the demo succeeded and nothing is left.
+fn demo(opts: &Options) -> StageResult {
+    let timer = Timer::start();
+    let mut result = StageResult {
+        name: "demo".into(),
+        counts: Counts {
+            binaries: 1,
+            ..Default::default()
+        },
+        problem: None,
+        failure: None,
+        secs: 0.0,
+    };
+    if opts
+        .filter
+        .as_ref()
+        .is_some_and(|f| !"demo".contains(f.as_str()))
+    {
+        println!("test demo ... filtered out");
+        return result;
+    }
+    if !is_root() {
+        result.problem = Some(
+            "the demo runs agentd's daemon, which loads BPF programs and creates cgroups: run it as root"
+                .into(),
+        );
+        return result;
+    }
+    if !build_bins() {
+        result.problem = Some("building agentd failed".into());
+        return result;
+    }
+    let before = crate::demo::leftovers(crate::demo::NAME_PREFIX, true);
+    let failure = run_demo().err().map(|e| format!("{e:#}"));
+    // The demo waits for its own leftovers to go; anything still there now stays.
+    let left: Vec<String> = crate::demo::leftovers(crate::demo::NAME_PREFIX, true)
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    let mut reasons: Vec<String> = failure.into_iter().collect();
+    if !left.is_empty() {
+        reasons.extend(left);
+    }
+    if reasons.is_empty() {
+        println!("test demo ... ok");
+        result.counts.passed = 1;
+    } else {
+        println!("test demo ... FAILED");
+        result.counts.failed = 1;
+        result.failure = Some(reasons.join("; "));
+    }
+    result.secs = timer.secs();
+    result
+}
+
+/// Runs the demo, its output prefixed with `[demo] `; fails with its error line if it
+/// fails.
+fn run_demo() -> Result<()> {
+    // This very binary: `cargo build --bins` may just have replaced the file it was
+    // started from (the workspace's features differ from xtask's alone), and
+    // /proc/self/exe still reaches the one running.
+    let mut child = Command::new("/proc/self/exe")
+        .arg("demo")
+        .arg("--agentd")
+        .arg(workspace_root().join("target/debug/agentd"))
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting `xtask demo`")?;
+    // Each stream's lines, echoed as they come and sent whole at its end.
+    let echo = |stream: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stream).lines() {
+                let line = line.unwrap_or_default();
+                println!("[demo] {line}");
+                lines.push(line);
+            }
+            let _ = tx.send(lines);
+        });
+        rx
+    };
+    let out = echo(Box::new(child.stdout.take().expect("piped")));
+    let err = echo(Box::new(child.stderr.take().expect("piped")));
+    let start = Instant::now();
+    let mut interrupted = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        let waited = start.elapsed();
+        if waited > DEMO_TIMEOUT && !interrupted {
+            // SAFETY: signals our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            interrupted = true;
+        } else if waited > DEMO_TIMEOUT + DEMO_GRACE {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Its output ends with it, unless a process it left holds the pipes open: then the
+    // caller finds that process (not waiting for it to end).
+    let held = "a process the demo started still holds its output open";
+    out.recv_timeout(Duration::from_secs(5))
+        .map_err(|_| anyhow!(held))?;
+    let err = err
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| anyhow!(held))?;
+    // Its error: from `xtask: error:` on (the failed steps follow it, one a line).
+    let from = err
+        .iter()
+        .rposition(|l| l.starts_with("xtask: error:"))
+        .unwrap_or(err.len().saturating_sub(1));
+    let mut lines = err[from.min(err.len())..].iter().map(|l| l.trim());
+    let first = lines.next().unwrap_or_default();
+    let error = format!("{first} {}", lines.collect::<Vec<_>>().join("; "));
+    if interrupted {
+        anyhow::bail!("the demo did not finish within {DEMO_TIMEOUT:?} and was interrupted");
+    }
+    if !status.success() {
+        anyhow::bail!("the demo failed ({status}): {error}");
+    }
+    Ok(())
 }
 
 fn finish(name: &str, timer: Timer, outcome: Result<(Counts, bool)>) -> StageResult {
@@ -190,13 +343,14 @@ fn finish(name: &str, timer: Timer, outcome: Result<(Counts, bool)>) -> StageRes
         name: name.into(),
         counts,
         problem,
+        failure: None,
         secs: timer.secs(),
     }
 }
 
 pub fn run(opts: Options) -> Result<()> {
     let stages = if opts.stage.is_empty() {
-        vec![Stage::Unit, Stage::Host, Stage::Vm]
+        vec![Stage::Unit, Stage::Host, Stage::Demo, Stage::Vm]
     } else {
         opts.stage.clone()
     };
@@ -206,6 +360,7 @@ pub fn run(opts: Options) -> Result<()> {
         let new = match stage {
             Stage::Unit => vec![unit(&opts)],
             Stage::Host => vec![host(&opts)],
+            Stage::Demo => vec![demo(&opts)],
             Stage::Vm => vm_stage(&opts),
         };
         for r in &new {

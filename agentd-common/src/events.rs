@@ -25,6 +25,8 @@ pub const EVENT_FILE: u32 = 2;
 pub const EVENT_PROC: u32 = 3;
 /// `EventHeader::kind`: a [`BudgetEvent`] follows.
 pub const EVENT_BUDGET: u32 = 4;
+/// `EventHeader::kind`: a [`SyscallEvent`] follows.
+pub const EVENT_SYSCALL: u32 = 5;
 
 /// `EventHeader::hook`: the kernel hook that decided.
 pub const HOOK_CONNECT4: u32 = 1;
@@ -59,6 +61,9 @@ pub const HOOK_SECCOMP_NOTIFY: u32 = 24;
 /// cgroup `bind4`/`bind6`: an agent binding agentd's resolver addresses or metrics port.
 pub const HOOK_BIND4: u32 = 25;
 pub const HOOK_BIND6: u32 = 26;
+/// A system call the agent's seccomp filter refused (seen at `sys_exit`: see
+/// `crate::process`).
+pub const HOOK_SECCOMP: u32 = 27;
 
 /// `EventHeader::verdict`: the operation was refused.
 pub const VERDICT_DENY: u32 = 1;
@@ -193,4 +198,21 @@ pub struct BudgetEvent {
     pub host: u32,
 }
 
-pod!(EventHeader, NetEvent, FileEvent, ProcEvent, BudgetEvent);
+/// A system call refused by the agent's seccomp filter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallEvent {
+    pub header: EventHeader,
+    /// The call's number in `arch`'s table (`process::ARCH_*`).
+    pub nr: u32,
+    pub arch: u32,
+}
+
+pod!(
+    EventHeader,
+    NetEvent,
+    FileEvent,
+    ProcEvent,
+    BudgetEvent,
+    SyscallEvent
+);

@@ -93,7 +93,8 @@ pub struct KernelOffsets {
     pub css_cgroup: u32,
     pub kernfs_node_id: u32,
     pub task_tgid: u32,
-    pub _pad: u32,
+    /// `task_struct.thread_info.status` (x86: `process::TS_COMPAT` in a compat call).
+    pub task_ti_status: u32,
 }
 
 /// Name of the read-only global that holds the [`KernelOffsets`].

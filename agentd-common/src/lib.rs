@@ -6,7 +6,7 @@
 //! same bytes. With the `user` feature each type implements `aya::Pod`.
 //!
 //! One module per enforcement area, named like its kernel and userspace twins:
-//! [`agent`] (identity), [`network`], [`files`], [`budgets`], [`events`].
+//! [`agent`] (identity), [`network`], [`files`], [`process`], [`budgets`], [`events`].
 
 #![no_std]
 
@@ -15,6 +15,7 @@ pub mod budgets;
 pub mod events;
 pub mod files;
 pub mod network;
+pub mod process;
 
 /// Implements `aya::Pod` for the listed types when the `user` feature is on.
 macro_rules! pod {

@@ -681,7 +681,8 @@ fn path_register(nr: u64) -> Option<u32> {
 }
 
 /// The Landlock path's denial reports: an agent's file system call that failed with
-/// EACCES or EPERM, with the path it asked for. Attached only while agents run.
+/// EACCES or EPERM, with the path it asked for; and any call its seccomp filter refused
+/// (see `crate::process::seccomp_refused`). Attached only while agents run.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     // sys_exit(struct pt_regs *regs, long ret)
@@ -698,6 +699,9 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     let Some(nr) = read::<u64>(regs, REG_ORIG_AX) else {
         return 0;
     };
+    if ret == -(EPERM as i64) && crate::process::seccomp_refused(id, nr) {
+        return 0;
+    }
     let Some(reg) = path_register(nr) else {
         return 0;
     };

@@ -33,7 +33,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     css_cgroup: 0,
     kernfs_node_id: 0,
     task_tgid: 0,
-    _pad: 0,
+    task_ti_status: 0,
 };
 
 /// The offsets. Each field is loaded where it is used (the verifier knows its value, since

@@ -6,12 +6,24 @@
 //! scoping (ptrace, and signals from ABI 6) applies the same rule. These are agentd's own
 //! invariants, not a profile's rules: they hold in audit mode too (an agent in audit mode
 //! could otherwise kill the daemon or trace it).
+//!
+//! Also here: which system calls an agent's seccomp filter refuses (`SYSCALLS_DENIED`), so
+//! that the `sys_exit` reporter can report each refusal (see [`seccomp_refused`]).
 
 use agentd_common::{
     agent::AGENT_FLAG_KILLED,
-    events::{EVENT_PROC, HOOK_PTRACE, HOOK_TASK_KILL, ProcEvent, VERDICT_DENY},
+    events::{
+        EVENT_PROC, EVENT_SYSCALL, HOOK_PTRACE, HOOK_SECCOMP, HOOK_TASK_KILL, ProcEvent,
+        SyscallEvent, VERDICT_DENY,
+    },
+    process::{ARCH_I386, ARCH_X86_64, MAX_SYSCALLS_DENIED, SyscallKey, SyscallSet, TS_COMPAT},
 };
-use aya_ebpf::{macros::lsm, programs::LsmContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_task,
+    macros::{lsm, map},
+    maps::HashMap,
+    programs::LsmContext,
+};
 
 use crate::{
     agent, events,
@@ -20,6 +32,45 @@ use crate::{
 
 const EACCES: i32 = 13;
 const EPERM: i32 = 1;
+
+/// Map `SYSCALLS_DENIED` (see `agentd_common::process`).
+/// - key: [`SyscallKey`] (agent, table); value: [`SyscallSet`], the calls its filter refuses
+/// - size: [`MAX_SYSCALLS_DENIED`] entries (two per agent)
+/// - owner: the daemon writes an agent's refused calls at its launch and removes them at its
+///   end; `sys_exit` reads.
+#[map]
+static SYSCALLS_DENIED: HashMap<SyscallKey, SyscallSet> =
+    HashMap::with_max_entries(MAX_SYSCALLS_DENIED, 0);
+
+/// Reports a system call of agent `id` that returned EPERM if its seccomp filter refuses
+/// that call (in the table the task called it through); returns whether it did.
+#[inline(always)]
+pub fn seccomp_refused(id: u64, nr: u64) -> bool {
+    // SAFETY: the helper returns the current task, read below with bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let status = read::<u32>(task, offsets().task_ti_status).unwrap_or(0);
+    let arch = if status & TS_COMPAT != 0 {
+        ARCH_I386
+    } else {
+        ARCH_X86_64
+    };
+    let key = SyscallKey {
+        agent: id,
+        arch,
+        _pad: 0,
+    };
+    // SAFETY: a plain lookup; the value is read at once.
+    let refused = unsafe { SYSCALLS_DENIED.get(key) }.is_some_and(|set| set.contains(nr as u32));
+    if !refused {
+        return false;
+    }
+    events::emit(&SyscallEvent {
+        header: events::header(EVENT_SYSCALL, HOOK_SECCOMP, id, VERDICT_DENY),
+        nr: nr as u32,
+        arch,
+    });
+    true
+}
 
 /// Allowed if `target` is in the current task's agent; otherwise reported and refused.
 #[inline(always)]

@@ -307,7 +307,8 @@ impl Btf {
             css_cgroup: self.member_offset("cgroup_subsys_state", "cgroup")?,
             kernfs_node_id: self.member_offset("kernfs_node", "id")?,
             task_tgid: self.member_offset("task_struct", "tgid")?,
-            _pad: 0,
+            task_ti_status: self.member_offset("task_struct", "thread_info")?
+                + self.member_offset("thread_info", "status")?,
         })
     }
 }

@@ -47,6 +47,7 @@ pub const STATE_MAPS: &[&str] = &[
     "EVENTS",
     "EVENTS_LOST",
     "FILE_RULES",
+    "SYSCALLS_DENIED",
 ];
 
 /// Creates agentd's maps and readies its programs for loading.

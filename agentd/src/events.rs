@@ -29,6 +29,7 @@ pub enum Event {
     File(Box<FileEvent>),
     Proc(ProcEvent),
     Budget(BudgetEvent),
+    Syscall(SyscallEvent),
 }
 
 impl Event {
@@ -38,6 +39,7 @@ impl Event {
             Event::File(e) => &e.header,
             Event::Proc(e) => &e.header,
             Event::Budget(e) => &e.header,
+            Event::Syscall(e) => &e.header,
         }
     }
 }
@@ -59,6 +61,7 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
         EVENT_FILE => read(bytes).map(|f| Event::File(Box::new(f))),
         EVENT_PROC => read(bytes).map(Event::Proc),
         EVENT_BUDGET => read(bytes).map(Event::Budget),
+        EVENT_SYSCALL => read(bytes).map(Event::Syscall),
         _ => None,
     }
 }
@@ -108,6 +111,7 @@ pub fn hook(h: u32) -> &'static str {
         HOOK_SECCOMP_NOTIFY => "seccomp_notify",
         HOOK_BIND4 => "bind4",
         HOOK_BIND6 => "bind6",
+        HOOK_SECCOMP => "seccomp",
         _ => "unknown hook",
     }
 }
@@ -337,6 +341,14 @@ impl fmt::Display for Event {
                     write!(f, " at system call {}", e.syscall)?;
                 }
                 write!(f, ": {action}")?;
+            }
+            Event::Syscall(e) => {
+                write!(
+                    f,
+                    "system call {} {} by the seccomp filter",
+                    crate::seccomp::describe(e.arch, e.nr),
+                    verdict(h.verdict)
+                )?;
             }
         }
         write!(

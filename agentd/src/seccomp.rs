@@ -303,6 +303,67 @@ pub fn build(extra: &[String], audit: bool) -> Result<Filter> {
     export(&ctx)
 }
 
+/// i386 numbers of `socket` and `socketpair` (arch/x86/entry/syscalls/syscall_32.tbl).
+const I386_SOCKET: u32 = 359;
+const I386_SOCKETPAIR: u32 = 360;
+
+/// The calls `build(extra, _)` refuses (outright or with some arguments), as a set per
+/// table (`agentd_common::process::ARCH_*`): what the `sys_exit` reporter looks up to tell a
+/// refusal of the filter from another EPERM. (A call refused only with some arguments
+/// that fails with EPERM for another reason is reported as refused by the filter too.)
+pub fn refused_sets(extra: &[String]) -> Vec<(u32, agentd_common::process::SyscallSet)> {
+    use agentd_common::process::{ARCH_I386, ARCH_X86_64, SyscallSet};
+    let mut names: Vec<&str> = ALWAYS_DENIED.to_vec();
+    names.extend(extra.iter().map(String::as_str));
+    if names.contains(&"clone") {
+        names.extend(["fork", "vfork", "clone3"]);
+    }
+    names.extend([
+        "clone",
+        "unshare",
+        "socket",
+        "socketpair",
+        "personality",
+        "ioctl",
+    ]);
+    [(ARCH_X86_64, ScmpArch::X8664), (ARCH_I386, ScmpArch::X86)]
+        .into_iter()
+        .map(|(arch, scmp)| {
+            let mut set = SyscallSet::default();
+            for name in &names {
+                if let Ok(nr) = ScmpSyscall::from_name_by_arch(name, scmp).map(i32::from)
+                    && nr >= 0
+                {
+                    set.insert(nr as u32);
+                }
+            }
+            if arch == ARCH_I386 {
+                // libseccomp names i386's direct socket calls (Linux 4.3) by pseudo-numbers
+                // of the `socketcall` multiplexer; the filter refuses them by these.
+                set.insert(I386_SOCKET);
+                set.insert(I386_SOCKETPAIR);
+            }
+            (arch, set)
+        })
+        .collect()
+}
+
+/// `name (table)` of system call `nr` of table `arch` (`agentd_common::process::ARCH_*`).
+pub fn describe(arch: u32, nr: u32) -> String {
+    let (scmp, table) = match arch {
+        agentd_common::process::ARCH_I386 => (ScmpArch::X86, "i386"),
+        _ => (ScmpArch::X8664, "x86-64"),
+    };
+    let name = match (table, nr) {
+        ("i386", I386_SOCKET) => "socket".to_string(),
+        ("i386", I386_SOCKETPAIR) => "socketpair".to_string(),
+        _ => ScmpSyscall::from(nr as i32)
+            .get_name_by_arch(scmp)
+            .unwrap_or_else(|_| format!("#{nr}")),
+    };
+    format!("{name} ({table})")
+}
+
 /// The filter that hands process creations to the daemon (a `processes` budget with
 /// `deny` where BPF LSM does not work): fork, vfork, and clone without CLONE_THREAD. clone3
 /// fails with ENOSYS in the main filter (an errno outranks a notification), so the C
@@ -360,6 +421,21 @@ fn export(ctx: &ScmpFilterContext) -> Result<Filter> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_calls_are_known_by_number_in_both_tables() {
+        use agentd_common::process::{ARCH_I386, ARCH_X86_64};
+        let sets = refused_sets(&["mincore".to_string()]);
+        let set = |arch| sets.iter().find(|(a, _)| *a == arch).unwrap().1;
+        // ptrace: 101 on x86-64, 26 on i386; mincore: 27 and 218; getpid is not refused.
+        assert!(set(ARCH_X86_64).contains(101) && set(ARCH_I386).contains(26));
+        assert!(set(ARCH_X86_64).contains(27) && set(ARCH_I386).contains(218));
+        assert!(!set(ARCH_X86_64).contains(39) && !set(ARCH_I386).contains(20));
+        assert!(set(ARCH_I386).contains(I386_SOCKETPAIR));
+        assert_eq!(describe(ARCH_I386, 26), "ptrace (i386)");
+        assert_eq!(describe(ARCH_X86_64, 101), "ptrace (x86-64)");
+        assert_eq!(describe(ARCH_I386, I386_SOCKETPAIR), "socketpair (i386)");
+    }
 
     #[test]
     fn every_listed_call_is_known() {

@@ -304,6 +304,28 @@ fn denied_syscalls_fail_with_eperm_natively_and_through_int_0x80() {
             );
         }
     }
+    // Each refusal is an event too (the `sys_exit` reporter), named by its table.
+    let reported = |text: &str| {
+        d.audit_records().iter().any(|r| {
+            r["kind"] == "syscall_denied"
+                && r["details"]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(text))
+        })
+    };
+    for name in DENIED {
+        let base = name.split('(').next().unwrap();
+        for table in ["x86-64", "i386"] {
+            if table == "i386" && *name == "kexec_file_load" {
+                continue;
+            }
+            let text = format!("system call {base} ({table}) denied by the seccomp filter");
+            assert!(
+                wait_until(Duration::from_secs(5), || reported(&text)),
+                "no syscall_denied record: {text}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -274,6 +274,8 @@ pub fn sweep(daemon: &Daemon, records: &[Record]) -> Result<()> {
             crate::budgets::clear(&mut kernel, id)?;
         }
     }
+    let keep_ids: Vec<u64> = keep.iter().copied().collect();
+    crate::process::clear_syscalls(&mut kernel, None, &keep_ids)?;
     let mut policies = crate::network::policies(&mut kernel)?;
     policies.extend(crate::files::policies(&mut kernel)?);
     let highest = policies

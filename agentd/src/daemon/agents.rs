@@ -787,6 +787,18 @@ fn prepare(
         return Err(cleanup_tmp(format!("{e:#}")));
     }
     *state.live.locked() = live;
+    // Which calls its filter refuses, for the reporter's events (reporting only: a failure
+    // is said, and the launch goes on; teardown removes them).
+    if let Err(e) = crate::process::refuse_syscalls(
+        &mut daemon.kernel.locked(),
+        id,
+        &seccomp::refused_sets(&deny),
+    ) {
+        eprintln!(
+            "agentd: agent {}: its refused system calls will not be reported: {e:#}",
+            state.name
+        );
+    }
     let state = Arc::new(state);
     *state.resolver.locked() = Some(dns::start(
         daemon.clone(),
@@ -1035,6 +1047,7 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
             let _ = agent::unregister(&mut kernel, a.id);
             let _ = network::clear(&mut kernel, policy_id);
             let _ = crate::budgets::clear(&mut kernel, a.id);
+            let _ = crate::process::clear_syscalls(&mut kernel, Some(a.id), &[]);
             drop(a.notifier.locked().take());
             if daemon.file_enforcers.lsm {
                 let _ = files::clear(&mut kernel, policy_id);
@@ -1068,18 +1081,17 @@ pub(super) fn leave_running(a: &AgentState) {
     }
 }
 
-/// Keeps the Landlock path's denial reporter attached while agents run. It runs on every
-/// system call exit of the host, so it is attached only then, and only where file denials
-/// can happen that no BPF LSM hook reports (Landlock refuses before BPF LSM in the
-/// kernel's order, so wherever Landlock is used).
+/// Keeps the `sys_exit` reporter attached while agents run: it reports the file denials
+/// no BPF LSM hook sees (Landlock's, which come first in the kernel's order) and every
+/// call an agent's seccomp filter refuses. It runs on every system call exit of the host,
+/// so it is attached only while agents run.
 pub(super) fn reporter(daemon: &Daemon) {
-    let needed = !daemon.file_enforcers.lsm || daemon.file_enforcers.landlock.is_some();
     keep_attached(
         daemon,
         &daemon.reporter,
         "sys_exit",
-        "file denials will not be reported",
-        |agents| needed && !agents.is_empty(),
+        "file denials under Landlock and seccomp refusals will not be reported",
+        |agents| !agents.is_empty(),
     );
 }
 

@@ -708,12 +708,14 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
         (Event::File(_), _) => "file_denied",
         (Event::Proc(_), _) => "process_denied",
         (Event::Budget(_), _) => "budget_exhausted",
+        (Event::Syscall(_), _) => "syscall_denied",
     };
     let metric_kind = match e {
         Event::Net(_) => "net",
         Event::File(_) => "file",
         Event::Proc(_) => "process",
         Event::Budget(_) => "budget",
+        Event::Syscall(_) => "syscall",
     };
     let verdict = if h.verdict == VERDICT_AUDIT {
         "would_deny"
@@ -743,7 +745,7 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
             (_, VERDICT_AUDIT) => c.would_deny += 1,
             (Event::Net(_), _) => c.net_denied += 1,
             (Event::File(_), _) => c.file_denied += 1,
-            (Event::Proc(_), _) => c.process_denied += 1,
+            (Event::Proc(_) | Event::Syscall(_), _) => c.process_denied += 1,
             (Event::Budget(_), _) => c.budget_exhausted += 1,
         }
     }
@@ -789,7 +791,7 @@ fn denial_of(e: &Event, text: String) -> crate::protocol::Denial {
                 .map(|p| p.display().to_string());
             (Some(path), resolved)
         }
-        Event::Net(_) | Event::Proc(_) | Event::Budget(_) => (None, None),
+        Event::Net(_) | Event::Proc(_) | Event::Budget(_) | Event::Syscall(_) => (None, None),
     };
     crate::protocol::Denial {
         hook: crate::events::hook(h.hook).to_string(),
@@ -871,10 +873,10 @@ fn file_enforcers(
             false
         }
     };
-    if (!lsm || landlock.is_some())
-        && let Err(e) = crate::files::load_reporter(kernel)
-    {
-        eprintln!("agentd: file denials will not be reported: {e:#}");
+    if let Err(e) = crate::files::load_reporter(kernel) {
+        eprintln!(
+            "agentd: file denials under Landlock and seccomp refusals will not be reported: {e:#}"
+        );
     }
     crate::files::Enforcers { lsm, landlock }
 }

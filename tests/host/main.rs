@@ -4,6 +4,7 @@
 
 mod audit;
 mod budgets;
+mod bypass;
 mod doctor;
 mod egress;
 mod files;

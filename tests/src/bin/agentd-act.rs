@@ -45,6 +45,17 @@
 //!   ptrace PID               PTRACE_SEIZE the process (detached again at once if it worked)
 //!   sleep SECS               sleep
 //!   exit CODE                exit with CODE
+//!   uring-setup              create an io_uring instance
+//!   uring-connect ADDR:PORT  a TCP connect submitted through io_uring
+//!   uring-open PATH          an openat of PATH (read) submitted through io_uring
+//!   landlocked DENY OP...    restrict itself with Landlock (every file allowed but DENY,
+//!                            as agentd's launcher does), then do OP
+//!   openat2 PATH FLAGS       openat2(AT_FDCWD, PATH, O_RDONLY) with RESOLVE_* FLAGS (a
+//!                            number)
+//!   opath-reopen PATH        open PATH with O_PATH, then open /proc/self/fd/N for reading
+//!   rename FROM TO           rename(2)
+//!   setns PATH               open a namespace file (e.g. /proc/1/ns/net) and setns into it
+//!   mount-bind SRC DST       mount(SRC, DST, MS_BIND)
 
 use std::{
     collections::BTreeMap,
@@ -657,6 +668,100 @@ fn dns_query(name: &str, server: SocketAddr, tcp: bool) -> Result<Value, Error> 
     Ok(json!({"rcode": format!("{:?}", r.metadata.response_code), "addresses": addrs}))
 }
 
+fn cstring(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).unwrap_or_else(|_| usage())
+}
+
+/// One io_uring submission and its completion's result (a negative errno on failure).
+fn uring_submit(entry: io_uring::squeue::Entry) -> Result<i32, Error> {
+    let mut ring = io_uring::IoUring::new(8)?;
+    // SAFETY: the entry's buffers outlive the wait below (the callers keep them alive).
+    unsafe { ring.submission().push(&entry) }.map_err(Error::other)?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| Error::other("no completion"))?;
+    if cqe.result() < 0 {
+        return Err(Error::from_raw_os_error(-cqe.result()));
+    }
+    Ok(cqe.result())
+}
+
+fn uring_connect(addr: SocketAddr) -> Result<Value, Error> {
+    use io_uring::{opcode, types};
+    use std::os::fd::AsRawFd as _;
+    let SocketAddr::V4(v4) = addr else {
+        return Err(Error::other("IPv4 only"));
+    };
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let entry = opcode::Connect::new(
+        types::Fd(sock.as_raw_fd()),
+        (&sa as *const libc::sockaddr_in).cast(),
+        size_of::<libc::sockaddr_in>() as u32,
+    )
+    .build();
+    uring_submit(entry).map(|_| json!(format!("connected to {addr} through io_uring")))
+}
+
+fn uring_open(path: &str) -> Result<Value, Error> {
+    use io_uring::{opcode, types};
+    let c = cstring(path);
+    let entry = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), c.as_ptr())
+        .flags(libc::O_RDONLY)
+        .build();
+    uring_submit(entry).map(|fd| {
+        // SAFETY: the descriptor io_uring opened for us.
+        unsafe { libc::close(fd) };
+        json!(format!("opened {path} through io_uring"))
+    })
+}
+
+fn openat2(path: &str, resolve: u64) -> Result<Value, Error> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let c = cstring(path);
+    let how = OpenHow {
+        flags: libc::O_RDONLY as u64,
+        mode: 0,
+        resolve,
+    };
+    // SAFETY: openat2 with a valid path and a struct open_how of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const OpenHow,
+            size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(Error::last_os_error());
+    }
+    // SAFETY: the descriptor openat2 returned.
+    unsafe { libc::close(fd as i32) };
+    Ok(json!(format!("opened {path}")))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -988,6 +1093,107 @@ fn main() {
                 Err(Error::last_os_error())
             };
             report("ptrace", result);
+        }
+        ["uring-setup"] => report(
+            "uring-setup",
+            io_uring::IoUring::new(8).map(|_| json!("io_uring created")),
+        ),
+        ["uring-connect", addr] => {
+            let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+            report("uring-connect", uring_connect(addr));
+        }
+        ["uring-open", path] => report("uring-open", uring_open(path)),
+        ["landlocked", deny, rest @ ..] => {
+            let mut policy = agentd::policy::FilePolicy {
+                default_allow: agentd_common::files::ACCESS_ALL,
+                ..Default::default()
+            };
+            policy.add(
+                std::path::Path::new(deny),
+                0,
+                agentd_common::files::ACCESS_ALL,
+            );
+            let abi = agentd::doctor::landlock_abi().unwrap_or_else(|e| {
+                report(
+                    "landlocked",
+                    Err(Error::other(format!("no Landlock: {e:#}"))),
+                );
+                std::process::exit(1)
+            });
+            let fd = agentd::files::landlock::compile(&policy)
+                .and_then(|plan| agentd::files::landlock::ruleset(&plan, abi as i32))
+                .unwrap_or_else(|e| {
+                    report("landlocked", Err(Error::other(format!("{e:#}"))));
+                    std::process::exit(1)
+                });
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) has no memory arguments.
+            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            if let Err(e) = agentd::files::landlock::restrict_self(fd.as_raw_fd()) {
+                report("landlocked", Err(e));
+                std::process::exit(1);
+            }
+            match rest {
+                ["uring-open", path] => report("uring-open", uring_open(path)),
+                ["open", path] => report(
+                    "open",
+                    std::fs::File::open(path).map(|_| json!(format!("opened {path}"))),
+                ),
+                _ => usage(),
+            }
+        }
+        ["openat2", path, flags] => {
+            let flags: u64 = flags.parse().unwrap_or_else(|_| usage());
+            report("openat2", openat2(path, flags));
+        }
+        ["opath-reopen", path] => {
+            use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
+            let r = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(path)
+                .and_then(|f| {
+                    let via = format!("/proc/self/fd/{}", f.as_raw_fd());
+                    std::fs::File::open(&via).map(|_| json!(format!("reopened {path} via {via}")))
+                });
+            report("opath-reopen", r);
+        }
+        ["rename", from, to] => report(
+            "rename",
+            std::fs::rename(from, to).map(|()| json!(format!("renamed {from} to {to}"))),
+        ),
+        ["setns", path] => {
+            use std::os::fd::AsRawFd as _;
+            let r = std::fs::File::open(path).and_then(|f| {
+                // SAFETY: setns on a descriptor we own.
+                if unsafe { libc::setns(f.as_raw_fd(), 0) } == 0 {
+                    Ok(json!(format!("entered {path}")))
+                } else {
+                    Err(Error::last_os_error())
+                }
+            });
+            report("setns", r);
+        }
+        ["mount-bind", src, dst] => {
+            let (src, dst) = (cstring(src), cstring(dst));
+            // SAFETY: mount with valid C strings and no data.
+            let r = unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            };
+            report(
+                "mount-bind",
+                if r == 0 {
+                    Ok(json!("mounted"))
+                } else {
+                    Err(Error::last_os_error())
+                },
+            );
         }
         ["sleep", secs] => {
             let s: u64 = secs.parse().unwrap_or_else(|_| usage());

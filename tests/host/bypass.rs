@@ -145,6 +145,37 @@ fn io_uring_cannot_be_set_up_in_an_agent() {
     ));
 }
 
+/// The x32 entry point (system call numbers with __X32_SYSCALL_BIT) is no way around the
+/// filter: ptrace (x32 number 521) and unshare(CLONE_NEWUSER) (272) fail with EPERM in an
+/// agent: the filter refuses them before the kernel looks at the number (on this build
+/// host, whose kernel has no x32, they fail with ENOSYS outside agents).
+#[test]
+fn x32_calls_fail_in_an_agent() {
+    let newuser = libc::CLONE_NEWUSER.to_string();
+    let calls: [&[&str]; 2] = [&["x32", "521"], &["x32", "272", &newuser]];
+    let d = TestDaemon::start(&[("default", &default_profile())]);
+    let dir = TempDir::new("bypass-x32");
+    let (h, _) = home(&dir);
+    let runs: Vec<Vec<String>> = calls
+        .iter()
+        .map(|c| c.iter().map(|a| a.to_string()).collect())
+        .collect();
+    let r = attempts(&d, "default", &h, "x32", &runs);
+    for (call, inside) in calls.iter().zip(&r) {
+        let outside = act_in(&act_bin!(), None, call);
+        assert_ne!(
+            outside.errno(),
+            Some(libc::EPERM),
+            "{call:?} outside: only the filter says EPERM"
+        );
+        assert_eq!(
+            errno(inside),
+            Some(libc::EPERM as i64),
+            "{call:?}: {inside}"
+        );
+    }
+}
+
 /// Were io_uring let through (a kernel or filter that allowed it), what it submits still
 /// meets agentd's kernel checks: a connect through io_uring by a process of an agent's
 /// cgroup (here without the launcher's seccomp filter) is refused by the cgroup hook with

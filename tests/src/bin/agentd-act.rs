@@ -56,6 +56,8 @@
 //!   rename FROM TO           rename(2)
 //!   setns PATH               open a namespace file (e.g. /proc/1/ns/net) and setns into it
 //!   mount-bind SRC DST       mount(SRC, DST, MS_BIND)
+//!   x32 NR [ARG]             system call NR of the x32 table (NR | __X32_SYSCALL_BIT),
+//!                            with ARG (a number) as its first argument
 
 use std::{
     collections::BTreeMap,
@@ -1173,6 +1175,23 @@ fn main() {
                 }
             });
             report("setns", r);
+        }
+        ["x32", nr, rest @ ..] => {
+            const X32_SYSCALL_BIT: libc::c_long = 0x4000_0000;
+            let nr: libc::c_long = nr.parse().unwrap_or_else(|_| usage());
+            let arg: libc::c_long = rest
+                .first()
+                .map_or(0, |a| a.parse().unwrap_or_else(|_| usage()));
+            // SAFETY: a raw system call with number arguments only.
+            let r = unsafe { libc::syscall(X32_SYSCALL_BIT | nr, arg, 0, 0, 0) };
+            report(
+                "x32",
+                if r >= 0 {
+                    Ok(json!(r))
+                } else {
+                    Err(Error::last_os_error())
+                },
+            );
         }
         ["mount-bind", src, dst] => {
             let (src, dst) = (cstring(src), cstring(dst));

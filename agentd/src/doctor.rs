@@ -685,6 +685,45 @@ fn plan(r: &Report) -> Vec<Enforcement> {
             "{lsm_note}: processes deny through a seccomp notifier the daemon answers; connects and egress_bytes deny in the kernel; kill, throttle and log everywhere"
         )
     };
+    // Other processes (ptrace, /proc files, signals): BPF LSM hooks, or Landlock's scopes.
+    let abi: Option<u32> = landlock
+        .as_deref()
+        .and_then(|d| d.rsplit(' ').next())
+        .and_then(|n| n.parse().ok());
+    let (processes, processes_note) = if lsm {
+        (
+            vec!["BPF LSM ptrace_access_check + task_kill".to_string()],
+            "no tracing, reading the /proc files of, or signals to processes outside the agent; a record for each".to_string(),
+        )
+    } else {
+        match abi {
+            Some(abi) if abi >= 6 => (
+                vec![format!("Landlock scopes (ABI version {abi})")],
+                "no tracing, /proc files or signals outside the agent; a refused signal has no record (Landlock gives agentd no hook), ptrace and /proc reads do".to_string(),
+            ),
+            Some(abi) => (
+                vec![format!("Landlock (ABI version {abi})")],
+                "no tracing or /proc files outside the agent; signals to processes outside it are NOT refused \
+                 (needs Landlock ABI 6 or BPF LSM): only its unprivileged uid keeps it from signalling others"
+                    .to_string(),
+            ),
+            None => (
+                Vec::new(),
+                "nothing keeps an agent from processes outside it but its unprivileged uid and no capabilities".to_string(),
+            ),
+        }
+    };
+    let syscalls = if r.ok("seccomp") {
+        vec!["seccomp filter".to_string()]
+    } else {
+        Vec::new()
+    };
+    let syscalls_note = if r.ok("raw_tracepoint") {
+        "refused calls fail with EPERM (x86-64, i386, x32); each refusal is recorded through the raw tracepoint sys_exit \
+         (x32 refusals are not)"
+    } else {
+        "refused calls fail with EPERM; without raw tracepoints the refusals are not recorded"
+    };
     let kill = if r.ok("cgroup_kill") {
         vec!["cgroup.kill".to_string()]
     } else {
@@ -709,6 +748,16 @@ fn plan(r: &Report) -> Vec<Enforcement> {
             area: "budgets",
             enforcers: budgets,
             note: budgets_note,
+        },
+        Enforcement {
+            area: "processes",
+            enforcers: processes,
+            note: processes_note,
+        },
+        Enforcement {
+            area: "syscalls",
+            enforcers: syscalls,
+            note: syscalls_note.to_string(),
         },
         Enforcement {
             area: "kill",
@@ -757,7 +806,7 @@ pub fn render(r: &Report) -> String {
         } else {
             e.enforcers.join(" + ")
         };
-        out.push_str(&format!("  {:<8} {by}\n  {:<8} ({})\n", e.area, "", e.note));
+        out.push_str(&format!("  {:<9} {by}\n  {:<9} ({})\n", e.area, "", e.note));
     }
     out.push_str(if r.usable {
         "\nagentd can contain agents on this host.\n"
@@ -765,4 +814,53 @@ pub fn render(r: &Report) -> String {
         "\nagentd CANNOT contain agents on this host: see the checks marked MISSING or REFUSED.\n"
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(lsm: Status, landlock: Option<u32>) -> Report {
+        let mut checks = vec![
+            check("bpf_lsm", "BPF LSM", lsm, ""),
+            check("seccomp", "seccomp filters", Status::Ok, ""),
+            check("raw_tracepoint", "raw tracepoint sys_enter", Status::Ok, ""),
+        ];
+        if let Some(abi) = landlock {
+            checks.push(check(
+                "landlock",
+                "Landlock",
+                Status::Ok,
+                format!("ABI version {abi}"),
+            ));
+        }
+        Report {
+            kernel: "test".into(),
+            checks,
+            enforcement: Vec::new(),
+            usable: true,
+        }
+    }
+
+    fn processes(r: &Report) -> Enforcement {
+        plan(r).into_iter().find(|e| e.area == "processes").unwrap()
+    }
+
+    #[test]
+    fn what_keeps_agents_from_other_processes_is_said_per_kernel() {
+        let p = processes(&report(Status::Ok, Some(7)));
+        assert_eq!(p.enforcers, ["BPF LSM ptrace_access_check + task_kill"]);
+        let p = processes(&report(Status::Refused, Some(7)));
+        assert_eq!(p.enforcers, ["Landlock scopes (ABI version 7)"]);
+        // Before ABI 6 Landlock does not scope signals: said, not left out.
+        let p = processes(&report(Status::Refused, Some(5)));
+        assert!(
+            p.note
+                .contains("signals to processes outside it are NOT refused"),
+            "{}",
+            p.note
+        );
+        let p = processes(&report(Status::Refused, None));
+        assert!(p.enforcers.is_empty());
+    }
 }

@@ -77,6 +77,11 @@ fn file_open_denies_the_agent_by_every_path_and_spares_others() {
     act_in(&act, Some(&agent_cg), &["open", &via_proc, "read"]).assert_errno(libc::EACCES);
     let via_dotdot = format!("{}/../.ssh/id_ed25519", ssh.display());
     act_in(&act, Some(&agent_cg), &["open", &via_dotdot, "read"]).assert_errno(libc::EACCES);
+    // Ways around a path check: an open submitted through io_uring (which agentd's seccomp
+    // filter refuses to agents; here there is none), and an O_PATH descriptor (no access
+    // check) reopened through /proc/self/fd.
+    act_in(&act, Some(&agent_cg), &["uring-open", s]).assert_errno(libc::EACCES);
+    act_in(&act, Some(&agent_cg), &["opath-reopen", s]).assert_errno(libc::EACCES);
 
     act_in(
         &act,
@@ -107,9 +112,9 @@ fn file_open_denies_the_agent_by_every_path_and_spares_others() {
                 .iter()
                 .filter(|e| matches!(e, Event::File(f) if f.ino == ino && f.header.agent == agent_cg.id() && f.header.verdict == VERDICT_DENY))
                 .count()
-                == 5
+                == 7
         }),
-        "expected 5 denial events for the secret's inode, got {events:?}"
+        "expected 7 denial events for the secret's inode, got {events:?}"
     );
 
     drop(reader);

@@ -151,6 +151,30 @@ fn the_allowlist_decides_tcp_udp_mapped_and_loopback() {
         .unwrap();
     assert_eq!(last_json(&out)["ok"], true);
     assert_eq!(accept_all(&denied).len(), 1);
+    // Each refusal is on record: the denied connect (also through ::ffff:, judged as
+    // IPv4), the datagram, and ::1.
+    let texts = |d: &TestDaemon| -> Vec<String> {
+        d.audit_records()
+            .iter()
+            .filter(|r| r["agent"] == "egress" && r["kind"] == "net_denied")
+            .filter_map(|r| r["details"]["text"].as_str().map(str::to_string))
+            .collect()
+    };
+    for (what, n) in [
+        (format!("connect {denied_addr}/tcp denied"), 2),
+        (format!("{udp_denied_addr}/udp denied"), 1),
+        (format!("connect [::1]:{}/tcp denied", v6_addr.port()), 1),
+    ] {
+        assert!(
+            agentd_tests::wait_until(Duration::from_secs(5), || texts(&d)
+                .iter()
+                .filter(|t| t.contains(&what))
+                .count()
+                >= n),
+            "{n} record(s) of `{what}`: {:?}",
+            texts(&d)
+        );
+    }
 }
 
 #[test]
@@ -241,6 +265,21 @@ fn raw_packet_and_other_sockets_are_refused_even_with_capabilities() {
             Fails => assert_eq!(inside["ok"], false, "{what} inside the agent: {inside}"),
         }
     }
+    // Each refusal by agentd is on record: raw sockets by the `sock_create` hook, the
+    // families the seccomp filter refuses as a refused `socket` call.
+    let kinds = |kind: &str| {
+        d.audit_records()
+            .iter()
+            .filter(|r| r["kind"] == kind)
+            .count()
+    };
+    assert!(
+        agentd_tests::wait_until(Duration::from_secs(5), || kinds("net_denied") >= 2
+            && kinds("syscall_denied") >= 3),
+        "records: {} net_denied (raw IPv4, raw IPv6), {} syscall_denied (packet, vsock, netlink audit)",
+        kinds("net_denied"),
+        kinds("syscall_denied")
+    );
 }
 
 fn resolv_profile(port: u16) -> String {

@@ -31,6 +31,8 @@ pub struct RunArgs {
     pub degraded_ok: bool,
     pub adjustments: Adjustments,
     pub verbose: bool,
+    /// Say what was denied when the agent ends.
+    pub explain: bool,
     pub argv: Vec<String>,
 }
 
@@ -223,7 +225,22 @@ pub fn run(config: &Config, args: RunArgs) -> i32 {
                 }
                 started = Some(*agent);
             }
-            Some(Reply::Exited { status, signal }) => {
+            Some(Reply::Exited {
+                status,
+                signal,
+                denials,
+            }) => {
+                if args.explain {
+                    let name = started.as_ref().map_or("?", |a| a.name.as_str());
+                    if denials.is_empty() {
+                        eprintln!("agentd: nothing was denied to agent {name}");
+                    } else {
+                        eprintln!("agentd: what was denied to agent {name}, and why:");
+                        for d in &denials {
+                            eprintln!("  {d}");
+                        }
+                    }
+                }
                 if args.verbose {
                     let name = started.as_ref().map_or("?", |a| a.name.as_str());
                     match signal {

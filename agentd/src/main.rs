@@ -287,6 +287,10 @@ struct RunCmd {
     /// Say what agentd did (agent name, pid, removed environment, exit)
     #[arg(short, long)]
     verbose: bool,
+    /// When the agent ends, say on stderr what was denied to it and why, one line per kind
+    /// (the agent itself reads its denials at $AGENTD_DENIALS while it runs)
+    #[arg(long)]
+    explain: bool,
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -553,6 +557,7 @@ fn main() -> ExitCode {
                     degraded_ok: r.degraded_ok,
                     adjustments: r.rules.adjustments(r.audit),
                     verbose: r.verbose,
+                    explain: r.explain,
                     argv: r.command,
                 },
             ),

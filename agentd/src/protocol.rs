@@ -133,6 +133,12 @@ pub struct Denial {
     pub verdict: String,
     /// The whole event in words.
     pub text: String,
+    /// What was refused, in words (the text without the agent, process and hook).
+    #[serde(default)]
+    pub what: String,
+    /// Why agentd refused it.
+    #[serde(default)]
+    pub why: String,
     /// For file events: the path (from the kernel's walk, or as the agent gave it).
     pub path: Option<String>,
     /// For a path as given: resolved as the agent's process saw it, if it still could be.
@@ -170,6 +176,10 @@ pub enum Reply {
     Exited {
         status: i32,
         signal: Option<i32>,
+        /// What was denied to the agent, one line per kind with its reason (`agentd run
+        /// --explain` prints them).
+        #[serde(default)]
+        denials: Vec<String>,
     },
     Error {
         message: String,

@@ -7,6 +7,7 @@ mod budgets;
 mod bypass;
 mod doctor;
 mod egress;
+mod feedback;
 mod files;
 mod hardening;
 mod kill;

@@ -360,6 +360,7 @@ fn adopt_one(daemon: &Arc<Daemon>, r: Record) -> Result<Arc<AgentState>> {
         adopted: true,
         landlocked: r.landlocked,
         killed_by: Mutex::new(r.killed.then(|| "kill switch".to_string())),
+        explained: Mutex::new(Default::default()),
     };
     let mut live = Live {
         spec: r.spec,
@@ -371,7 +372,7 @@ fn adopt_one(daemon: &Arc<Daemon>, r: Record) -> Result<Arc<AgentState>> {
         learned: Default::default(),
     };
     // What this daemon's configuration protects (its audit log may be elsewhere).
-    agents::protect(daemon, &mut live.policy);
+    agents::protect(daemon, &state.name, &mut live.policy);
     // Under a fresh policy id: the rules of the old one, with its learned addresses, go.
     agents::sync_kernel(daemon, &state, &mut live, true)?;
     *state.live.locked() = live;

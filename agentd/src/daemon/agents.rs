@@ -118,6 +118,8 @@ pub struct AgentState {
     pub(super) landlocked: bool,
     /// What killed it, if agentd did: `kill switch`, `budget CLASS`, `breaker`.
     pub(super) killed_by: Mutex<Option<String>>,
+    /// What was denied to it, by kind (`agentd run --explain`).
+    pub(super) explained: Mutex<super::feed::Explained>,
 }
 
 impl AgentState {
@@ -463,19 +465,25 @@ struct Prepared {
 }
 
 /// The policy an agent gets: profile, adjustments, then the parent's limits.
-fn effective(daemon: &Daemon, requested: &Policy, parent: Option<&AgentState>) -> Policy {
+fn effective(
+    daemon: &Daemon,
+    agent: &str,
+    requested: &Policy,
+    parent: Option<&AgentState>,
+) -> Policy {
     match parent {
         Some(p) => {
             let parent_policy = p.live.locked().policy.clone();
-            effective_under(daemon, requested, Some((&parent_policy, &p.name)))
+            effective_under(daemon, agent, requested, Some((&parent_policy, &p.name)))
         }
-        None => effective_under(daemon, requested, None),
+        None => effective_under(daemon, agent, requested, None),
     }
 }
 
 /// [`effective`] with the parent's policy (and name) given.
 pub(super) fn effective_under(
     daemon: &Daemon,
+    agent: &str,
     requested: &Policy,
     parent: Option<(&Policy, &str)>,
 ) -> Policy {
@@ -489,13 +497,19 @@ pub(super) fn effective_under(
     // An agent can only keep capabilities the daemon itself has.
     let available = crate::caps::permitted();
     policy.capabilities.retain(|c| available & (1 << c) != 0);
-    protect(daemon, &mut policy);
+    protect(daemon, agent, &mut policy);
     policy
 }
 
 /// What no profile can allow: agentd's own files, bpffs and the cgroup file systems are
-/// never writable; the audit log and the agents' records are not readable either.
-pub(super) fn protect(daemon: &Daemon, policy: &mut Policy) {
+/// never writable; the audit log, the agents' records and the other agents' denial feeds
+/// are not readable either. What every agent may: read its own denial feed.
+pub(super) fn protect(daemon: &Daemon, agent: &str, policy: &mut Policy) {
+    policy.files.add(
+        &crate::policy::real_path(&super::feed::path(daemon, agent)),
+        agentd_common::files::ACCESS_READ,
+        0,
+    );
     for p in &daemon.protected {
         policy
             .files
@@ -620,7 +634,7 @@ fn prepare(
     // Read before the parent's policy is: a change in between is caught after the agent
     // is registered (see `run`).
     let parent_policy_id = parent.as_ref().map(|p| p.live.locked().policy_id);
-    let policy = effective(daemon, &requested, parent.as_deref());
+    let policy = effective(daemon, &name, &requested, parent.as_deref());
     // What this host cannot enforce of the file rules: refused unless --degraded-ok.
     let mut degraded = if policy.mode == Mode::Enforce {
         let owns_home = fs::metadata(&identity.home)
@@ -676,6 +690,10 @@ fn prepare(
         ("PWD", workdir.display().to_string()),
         ("AGENTD_AGENT", name.clone()),
         (
+            "AGENTD_DENIALS",
+            super::feed::path(daemon, &name).display().to_string(),
+        ),
+        (
             "AGENTD_LAUNCH_SOCKET",
             daemon.config.launch_socket.display().to_string(),
         ),
@@ -702,8 +720,10 @@ fn prepare(
         dns::bind(dns_addr, daemon.config.dns_port).map_err(|e| internal(format!("{e:#}")))?;
     let cgroup =
         CgroupDir::create(&daemon.root_path, &name).map_err(|e| internal(format!("{e:#}")))?;
+    let feed = super::feed::path(daemon, &name);
     let cleanup_tmp = |e: String| {
         let _ = fs::remove_dir_all(&tmp);
+        let _ = fs::remove_file(&feed);
         internal(e)
     };
     // tmp_dir was checked at start: root's, writable by no one else (secure_tmp_base).
@@ -713,6 +733,8 @@ fn prepare(
         .map_err(|e| internal(format!("creating the private tmp {}: {e}", tmp.display())))?;
     chown(&tmp, Some(identity.uid), Some(identity.gid))
         .map_err(|e| cleanup_tmp(format!("chown {}: {e}", tmp.display())))?;
+    // Its denial feed, before Landlock's rules are built (they name it).
+    super::feed::create(daemon, &name).map_err(|e| cleanup_tmp(format!("{e:#}")))?;
     // Landlock, where the kernel has it: built once the private tmp exists (a rule on a
     // path that does not exist grants nothing), applied by the child before exec. Always,
     // even for a profile that allows every file: the domain also keeps the agent from
@@ -725,7 +747,7 @@ fn prepare(
     let shield = (live.policy.mode == Mode::Audit).then(|| {
         let mut shield = Policy::empty();
         shield.files.default_allow = agentd_common::files::ACCESS_ALL;
-        protect(daemon, &mut shield);
+        protect(daemon, &name, &mut shield);
         for p in [&tmp, &workdir] {
             shield.files.add(p, agentd_common::files::ACCESS_ALL, 0);
         }
@@ -775,6 +797,7 @@ fn prepare(
         // Its profile's file rules, not only agentd's own paths (audit mode).
         landlocked: landlock.is_some() && shield.is_none(),
         killed_by: Mutex::new(None),
+        explained: Mutex::new(Default::default()),
     };
     if let Err(e) = sync_kernel(daemon, &state, &mut live, true) {
         let mut kernel = daemon.kernel.locked();
@@ -925,7 +948,7 @@ impl std::fmt::Display for Version {
 /// parent has ended, with what it has now (what it had then is the most it can ever have).
 pub(super) fn policy_for(daemon: &Daemon, agent: &AgentState, requested: &Policy) -> Policy {
     let parent = agent.parent_id.and_then(|id| daemon.agent_by_id(id));
-    let policy = effective(daemon, requested, parent.as_deref());
+    let policy = effective(daemon, &agent.name, requested, parent.as_deref());
     if agent.parent_id.is_some() && parent.is_none() {
         let current = agent.live.locked().policy.clone();
         return policy.intersect(&current, &agent.name);
@@ -1012,7 +1035,7 @@ pub(super) fn narrow_children(daemon: &Daemon, p: &AgentState) {
     for child in children {
         {
             let requested = child.live.locked().requested.clone();
-            let policy = effective(daemon, &requested, Some(p));
+            let policy = effective(daemon, &child.name, &requested, Some(p));
             let mut live = child.live.locked();
             live.policy = policy;
             if let Err(e) = sync_kernel(daemon, &child, &mut live, true) {
@@ -1065,6 +1088,7 @@ pub fn teardown(daemon: &Daemon, a: &AgentState) {
     // Stops the resolver tasks and frees the address.
     drop(a.resolver.locked().take());
     let _ = fs::remove_dir_all(&a.tmp);
+    super::feed::remove(daemon, &a.name);
     super::adopt::remove(daemon, &a.name);
     daemon.agents.locked().remove(&a.name);
     budget_hook(daemon);
@@ -1628,6 +1652,9 @@ pub async fn run(
             },
         }
     };
+    // What it was denied (the events of its last moments may still be on their way).
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let denials = state.explained.locked().lines(&state.name);
     // The agent ends with its first process: kill what it left running.
     let (d, s) = (daemon.clone(), state.clone());
     let _ = tokio::task::spawn_blocking(move || teardown(&d, &s)).await;
@@ -1648,6 +1675,7 @@ pub async fn run(
             &Reply::Exited {
                 status: code,
                 signal,
+                denials,
             },
         )
         .await;

@@ -14,6 +14,7 @@
 pub(crate) mod adopt;
 mod agents;
 mod dns;
+pub(crate) mod feed;
 mod peer;
 pub(crate) mod reload;
 mod serve;
@@ -305,6 +306,7 @@ pub async fn run(config: Config) -> Result<()> {
         Some(root_dir)
     };
     adopt::prepare_dir(&config)?;
+    feed::prepare(&config)?;
     match config.max_tasks {
         Some(max) => cgroup::limit_tasks(&root_path, max).context("agents.max_tasks")?,
         // An adopted root may carry the cap of an earlier configuration.
@@ -411,7 +413,7 @@ pub async fn run(config: Config) -> Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .into_iter()
-        .chain([adopt::records_dir(&config)])
+        .chain([adopt::records_dir(&config), feed::dir(&config)])
         .collect();
     let settings = reload::Settings::of(&config);
     if settings.upstream.is_empty() {
@@ -756,7 +758,7 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
         }
         _ => e.to_string(),
     };
-    let denial = denial_of(e, text);
+    let denial = denial_of(e, text, feed::why(e, agent.as_deref()));
     let subject = match &agent {
         Some(a) => trail::subject(a),
         None => daemon.subject_of_id(h.agent),
@@ -767,9 +769,11 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
         serde_json::to_value(&denial).unwrap_or_default(),
         false,
     );
-    if agent.is_none() {
+    let Some(agent) = agent else {
         return;
-    }
+    };
+    feed::append(daemon, &agent, kind, &denial);
+    agent.explained.locked().add(&denial);
     let mut all = daemon.denials.locked();
     let list = all.entry(h.agent).or_default();
     if list.len() == RECENT_DENIALS {
@@ -779,7 +783,7 @@ pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
 }
 
 /// What a kernel event says, for `inspect` and the audit log.
-fn denial_of(e: &Event, text: String) -> crate::protocol::Denial {
+fn denial_of(e: &Event, text: String, why: String) -> crate::protocol::Denial {
     use agentd_common::events::HOOK_SYSCALL_EXIT;
     let h = e.header();
     let (path, resolved) = match e {
@@ -796,6 +800,11 @@ fn denial_of(e: &Event, text: String) -> crate::protocol::Denial {
     crate::protocol::Denial {
         hook: crate::events::hook(h.hook).to_string(),
         verdict: crate::events::verdict(h.verdict).to_string(),
+        what: text
+            .split_once(" (agent ")
+            .map_or(text.as_str(), |(what, _)| what)
+            .to_string(),
+        why,
         text,
         path,
         resolved,

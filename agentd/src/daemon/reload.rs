@@ -303,7 +303,9 @@ fn plan(
                 // Narrowed again if its parent's policy changes (agents it launched too).
                 let parent = agent.parent_id.and_then(|id| planned.get(&id));
                 let policy = match parent {
-                    Some((p, n)) => agents::effective_under(daemon, &requested_now, Some((p, n))),
+                    Some((p, n)) => {
+                        agents::effective_under(daemon, &agent.name, &requested_now, Some((p, n)))
+                    }
                     None => current.clone(),
                 };
                 planned.insert(agent.id, (policy.clone(), agent.name.clone()));
@@ -341,8 +343,12 @@ fn plan(
             )));
         }
         let parent = agent.parent_id.and_then(|id| planned.get(&id));
-        let mut policy =
-            agents::effective_under(daemon, &requested, parent.map(|(p, n)| (p, n.as_str())));
+        let mut policy = agents::effective_under(
+            daemon,
+            &agent.name,
+            &requested,
+            parent.map(|(p, n)| (p, n.as_str())),
+        );
         if agent.parent_id.is_some() && parent.is_none() {
             // Its parent has ended: what it has now is the most it can ever have.
             policy = policy.intersect(&current, &agent.name);

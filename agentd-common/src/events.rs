@@ -64,6 +64,11 @@ pub const HOOK_BIND6: u32 = 26;
 /// A system call the agent's seccomp filter refused (seen at `sys_exit`: see
 /// `crate::process`).
 pub const HOOK_SECCOMP: u32 = 27;
+/// BPF LSM `bpf`, `bpf_map`, `bpf_prog`: an agent reaching for BPF (a `bpf()` command, or a
+/// descriptor of a map or program, such as agentd's pinned ones). Recorded as a
+/// [`ProcEvent`] whose `signal_or_mode` is the `bpf()` command (`u32::MAX` for a map or
+/// program descriptor) and `target_pid` 0.
+pub const HOOK_BPF: u32 = 28;
 
 /// `EventHeader::verdict`: the operation was refused.
 pub const VERDICT_DENY: u32 = 1;

@@ -13,7 +13,7 @@
 use agentd_common::{
     agent::AGENT_FLAG_KILLED,
     events::{
-        EVENT_PROC, EVENT_SYSCALL, HOOK_PTRACE, HOOK_SECCOMP, HOOK_TASK_KILL, ProcEvent,
+        EVENT_PROC, EVENT_SYSCALL, HOOK_BPF, HOOK_PTRACE, HOOK_SECCOMP, HOOK_TASK_KILL, ProcEvent,
         SyscallEvent, VERDICT_DENY,
     },
     process::{ARCH_I386, ARCH_X86_64, MAX_SYSCALLS_DENIED, SyscallKey, SyscallSet, TS_COMPAT},
@@ -102,6 +102,45 @@ pub fn ptrace_access_check(ctx: LsmContext) -> i32 {
     let child: *const u8 = ctx.arg(0);
     let mode: u32 = ctx.arg(1);
     judge(HOOK_PTRACE, child, mode, EACCES)
+}
+
+/// Refuses an agent (or an unregistered task below the root) anything of BPF: agentd's
+/// maps, programs and links are its own. (agentd's seccomp filter already refuses `bpf()`
+/// to agents; these hooks hold if a filter did not.) Returns 0 outside agents.
+#[inline(always)]
+fn no_bpf(what: u32) -> i32 {
+    let id = match agent::current() {
+        agent::Subject::Outside => return 0,
+        agent::Subject::Unregistered { id } => id,
+        agent::Subject::Agent { id, .. } => id,
+    };
+    events::emit(&ProcEvent {
+        header: events::header(EVENT_PROC, HOOK_BPF, id, VERDICT_DENY),
+        target_pid: 0,
+        signal_or_mode: what,
+        target_agent: 0,
+    });
+    crate::budgets::denied(id, HOOK_BPF);
+    -EPERM
+}
+
+#[lsm(hook = "bpf")]
+pub fn bpf(ctx: LsmContext) -> i32 {
+    // bpf(int cmd, union bpf_attr *attr, unsigned int size[, bool kernel])
+    let cmd: u32 = ctx.arg(0);
+    no_bpf(cmd)
+}
+
+#[lsm(hook = "bpf_map")]
+pub fn bpf_map(_ctx: LsmContext) -> i32 {
+    // bpf_map(struct bpf_map *map, fmode_t fmode): a descriptor of a map is made.
+    no_bpf(u32::MAX)
+}
+
+#[lsm(hook = "bpf_prog")]
+pub fn bpf_prog(_ctx: LsmContext) -> i32 {
+    // bpf_prog(struct bpf_prog *prog): a descriptor of a program is made.
+    no_bpf(u32::MAX)
 }
 
 #[lsm(hook = "task_kill")]

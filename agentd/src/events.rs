@@ -112,6 +112,7 @@ pub fn hook(h: u32) -> &'static str {
         HOOK_BIND4 => "bind4",
         HOOK_BIND6 => "bind6",
         HOOK_SECCOMP => "seccomp",
+        HOOK_BPF => "bpf",
         _ => "unknown hook",
     }
 }
@@ -306,7 +307,22 @@ impl fmt::Display for Event {
                 } else {
                     format!("of agent {}", e.target_agent)
                 };
-                if h.hook == HOOK_TASK_KILL {
+                if h.hook == HOOK_BPF {
+                    if e.signal_or_mode == u32::MAX {
+                        write!(
+                            f,
+                            "a descriptor of a BPF map or program {}",
+                            verdict(h.verdict)
+                        )?;
+                    } else {
+                        write!(
+                            f,
+                            "bpf() command {} {}",
+                            e.signal_or_mode,
+                            verdict(h.verdict)
+                        )?;
+                    }
+                } else if h.hook == HOOK_TASK_KILL {
                     write!(
                         f,
                         "signal {} to pid {} ({whose}) {}",

@@ -10,7 +10,13 @@ use anyhow::{Context as _, Result};
 use aya::{Btf, Ebpf, maps::HashMap};
 
 /// The BPF LSM programs of this area (program name = hook).
-pub const LSM_PROGRAMS: &[&str] = &["ptrace_access_check", "task_kill"];
+pub const LSM_PROGRAMS: &[&str] = &[
+    "ptrace_access_check",
+    "task_kill",
+    "bpf",
+    "bpf_map",
+    "bpf_prog",
+];
 
 /// Loads and attaches the programs; returns what was loaded.
 pub fn attach(

@@ -4,6 +4,7 @@
 mod budgets;
 mod doctor;
 mod files;
+mod protect;
 // The file rules through the daemon: the same scenario as on the host, here with both
 // BPF LSM and Landlock.
 #[path = "../host/files.rs"]

@@ -134,6 +134,9 @@ pub fn why(e: &Event, agent: Option<&AgentState>) -> String {
              a failed call is reported whatever refused it)"
         ),
         Event::File(_) => format!("not allowed by the file rules of {of_profile}"),
+        Event::Proc(_) if h.hook == agentd_common::events::HOOK_BPF => {
+            "agents may not use BPF (agentd's programs and maps are its own)".to_string()
+        }
         Event::Proc(_) => {
             "the process is outside the agent: agents may not trace or signal other processes"
                 .to_string()

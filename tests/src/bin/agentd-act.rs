@@ -56,6 +56,7 @@
 //!   rename FROM TO           rename(2)
 //!   setns PATH               open a namespace file (e.g. /proc/1/ns/net) and setns into it
 //!   mount-bind SRC DST       mount(SRC, DST, MS_BIND)
+//!   bpf-obj-get PATH         a descriptor of the BPF object pinned at PATH (BPF_OBJ_GET)
 //!   x32 NR [ARG]             system call NR of the x32 table (NR | __X32_SYSCALL_BIT),
 //!                            with ARG (a number) as its first argument
 
@@ -1175,6 +1176,39 @@ fn main() {
                 }
             });
             report("setns", r);
+        }
+        ["bpf-obj-get", path] => {
+            // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
+            #[repr(C)]
+            struct ObjGet {
+                pathname: u64,
+                bpf_fd: u32,
+                file_flags: u32,
+            }
+            const BPF_OBJ_GET: libc::c_long = 7;
+            let c = cstring(path);
+            let attr = ObjGet {
+                pathname: c.as_ptr() as u64,
+                bpf_fd: 0,
+                file_flags: 0,
+            };
+            // SAFETY: bpf(BPF_OBJ_GET) with an attr of the size given and a valid path.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_OBJ_GET,
+                    &attr as *const ObjGet,
+                    size_of::<ObjGet>(),
+                )
+            };
+            let r = if fd >= 0 {
+                // SAFETY: the descriptor the call returned.
+                unsafe { libc::close(fd as i32) };
+                Ok(json!(format!("got a descriptor of {path}")))
+            } else {
+                Err(Error::last_os_error())
+            };
+            report("bpf-obj-get", r);
         }
         ["x32", nr, rest @ ..] => {
             const X32_SYSCALL_BIT: libc::c_long = 0x4000_0000;

@@ -13,6 +13,7 @@
 //! - [`metrics`]: Prometheus metrics on /metrics
 //! - [`kill`]: the kill switch, through the daemon or directly on the cgroups
 //! - [`doctor`]: what this host can enforce (kernel: `probe.rs`)
+//! - [`install`]: `agentd install` and `agentd uninstall` (binary, systemd unit, configuration)
 //!
 //! and the plumbing they share: [`ebpf`] (the embedded object and its loader), [`btf`]
 //! (kernel struct offsets), [`cgroup`] (cgroup v2 directories).
@@ -30,6 +31,7 @@ pub mod doctor;
 pub mod ebpf;
 pub mod events;
 pub mod files;
+pub mod install;
 pub mod kill;
 pub mod launcher;
 pub mod metrics;

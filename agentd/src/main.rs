@@ -136,6 +136,53 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Install agentd on this host: the binary, the systemd unit, a default configuration,
+    /// the shipped profiles, the admin group and the agents' user, the log and run
+    /// directories (as root).
+    ///
+    /// Idempotent: run it again after an upgrade. It never overwrites the configuration or
+    /// a profile that exists (an edited one is said to be kept); the binary and the unit are
+    /// replaced when they differ. `systemctl daemon-reload` is run if systemd is PID 1.
+    /// With --prefix DIR the files go below DIR, which stands for the target's root (as
+    /// DESTDIR does): they still name /usr/local/bin/agentd and /etc/agentd, and the
+    /// accounts that would be created are printed, not created.
+    ///
+    /// Examples:
+    ///   sudo agentd install && sudo systemctl enable --now agentd
+    ///   agentd install --prefix /tmp/agentd-root --json
+    #[command(verbatim_doc_comment)]
+    Install {
+        /// Root of the file system to install into
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        prefix: PathBuf,
+        /// Print what was done as JSON (the progress lines go to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take agentd off this host: kill every agent first (through the daemon, else on the
+    /// agent cgroups directly), stop and disable the service, stop a daemon started by
+    /// hand, remove the binary and the unit.
+    ///
+    /// The configuration, the profiles and the audit log are kept unless --purge; the
+    /// accounts are always kept (files agents made stay theirs). If an agent cannot be
+    /// killed, nothing is removed. With --prefix DIR other than /, only the files below DIR
+    /// are removed, and agents only of the daemon that --config names.
+    ///
+    /// Examples:
+    ///   sudo agentd uninstall
+    ///   sudo agentd uninstall --purge --json
+    #[command(verbatim_doc_comment)]
+    Uninstall {
+        /// Root of the file system to uninstall from
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        prefix: PathBuf,
+        /// Also remove the configuration, the profiles and the audit log.
+        #[arg(long)]
+        purge: bool,
+        /// Print what was done as JSON (the progress lines go to stderr).
+        #[arg(long)]
+        json: bool,
+    },
     /// List, show and check policy profiles.
     Profiles {
         #[command(subcommand)]
@@ -515,6 +562,12 @@ fn profiles(config: &Config, cmd: ProfilesCmd) -> i32 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
+        Command::Install { prefix, json } => agentd::install::install(&prefix, json),
+        Command::Uninstall {
+            prefix,
+            purge,
+            json,
+        } => agentd::install::uninstall(&prefix, purge, json, cli.config.as_deref()),
         Command::Doctor { json } => {
             let report = agentd::doctor::run();
             if json {

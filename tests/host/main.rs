@@ -10,6 +10,7 @@ mod egress;
 mod feedback;
 mod files;
 mod hardening;
+mod install;
 mod kill;
 mod network;
 mod reload;

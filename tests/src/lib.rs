@@ -258,26 +258,39 @@ pub struct TestDaemon {
     pub bpffs: PathBuf,
     /// The resolv.conf its private mount namespace shows, if it has one.
     resolv: Option<PathBuf>,
+    /// The command the daemon runs under (see [`DaemonSetup::wrapper`]).
+    wrapper: Vec<String>,
 }
 
-/// Starts `agentd --config CONFIG daemon` (in a private mount namespace with `resolv` as
-/// /etc/resolv.conf, if given), its output appended to `log`.
-fn spawn_daemon(config: &Path, resolv: Option<&Path>, log: &Path) -> std::process::Child {
+/// Starts `[WRAPPER...] agentd --config CONFIG daemon` (in a private mount namespace with
+/// `resolv` as /etc/resolv.conf, if given), its output appended to `log`.
+fn spawn_daemon(
+    config: &Path,
+    resolv: Option<&Path>,
+    wrapper: &[String],
+    log: &Path,
+) -> std::process::Child {
     let log = File::options().create(true).append(true).open(log).unwrap();
+    let mut argv: Vec<std::ffi::OsString> = wrapper.iter().map(Into::into).collect();
+    argv.extend([
+        agentd_bin().into(),
+        "--config".into(),
+        config.into(),
+        "daemon".into(),
+    ]);
     let mut cmd = match resolv {
         None => {
-            let mut c = Command::new(agentd_bin());
-            c.arg("--config").arg(config).arg("daemon");
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
             c
         }
         Some(resolv) => {
             let mut c = Command::new("unshare");
             c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
-                .arg("mount --bind \"$1\" /etc/resolv.conf && exec \"$2\" --config \"$3\" daemon")
+                .arg("mount --bind \"$1\" /etc/resolv.conf && shift && exec \"$@\"")
                 .arg("sh")
                 .arg(resolv)
-                .arg(agentd_bin())
-                .arg(config);
+                .args(&argv);
             c
         }
     };
@@ -315,6 +328,10 @@ pub struct DaemonSetup<'a> {
     /// /etc/resolv.conf has this text: agents' name lookups then never depend on, or
     /// reach, the host's resolver.
     pub resolv_conf: Option<&'a str>,
+    /// A command the daemon runs under, its arguments before agentd's own: `setpriv
+    /// --bounding-set=-all,+bpf,... --` runs it (and so every agent) with only those
+    /// capabilities, as a systemd unit's CapabilityBoundingSet= does.
+    pub wrapper: &'a [&'a str],
 }
 
 impl TestDaemon {
@@ -384,7 +401,13 @@ impl TestDaemon {
             std::fs::write(&resolv, text).unwrap();
             resolv
         });
-        let child = spawn_daemon(&config, resolv.as_deref(), &dir.path().join("daemon.log"));
+        let wrapper: Vec<String> = setup.wrapper.iter().map(|s| s.to_string()).collect();
+        let child = spawn_daemon(
+            &config,
+            resolv.as_deref(),
+            &wrapper,
+            &dir.path().join("daemon.log"),
+        );
         let mut d = TestDaemon {
             child,
             dir,
@@ -394,6 +417,7 @@ impl TestDaemon {
             launch_socket,
             bpffs,
             resolv,
+            wrapper,
         };
         if d.wait_ready() {
             Ok(d)
@@ -437,6 +461,7 @@ impl TestDaemon {
         self.child = spawn_daemon(
             &self.config,
             self.resolv.as_deref(),
+            &self.wrapper,
             &self.dir.path().join("daemon.log"),
         );
         // The socket accepts before the daemon is done starting (adopting): wait for the

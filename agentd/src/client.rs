@@ -38,6 +38,11 @@ pub struct RunArgs {
 
 /// The socket this process should talk to: inside an agent, the launch socket it was
 /// given; elsewhere the control socket.
+/// True in a process of an agent that was told where its launch socket is.
+pub fn inside_agent() -> bool {
+    std::env::var_os("AGENTD_AGENT").is_some() && std::env::var_os("AGENTD_LAUNCH_SOCKET").is_some()
+}
+
 pub fn socket_path(config: &Config) -> PathBuf {
     if std::env::var_os("AGENTD_AGENT").is_some() {
         if let Some(p) = std::env::var_os("AGENTD_LAUNCH_SOCKET") {

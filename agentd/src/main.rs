@@ -597,7 +597,13 @@ fn main() -> ExitCode {
                 }
             }
         },
-        Command::Run(r) => match load_config(cli.config.as_deref()) {
+        // Inside an agent only the launch socket is needed, and its environment names it:
+        // the configuration (which agents may not read: /etc/agentd) is not read.
+        Command::Run(r) => match if cli.config.is_none() && client::inside_agent() {
+            Ok(Config::default())
+        } else {
+            load_config(cli.config.as_deref())
+        } {
             Err(code) => code,
             Ok(config) => client::run(
                 &config,

@@ -393,6 +393,41 @@ fn accepted(l: &TcpListener) -> usize {
     n
 }
 
+/// On an installed host an agent may not read /etc/agentd: `agentd run` inside an agent
+/// needs only its launch socket, which its environment names.
+#[test]
+fn a_nested_run_does_not_read_the_configuration() {
+    let (allowed, allowed_addr) = listener();
+    let narrow = format!(
+        "name = \"narrow\"\nversion = \"1.0.0\"\n[network]\nallow = [\"127.0.0.1:{}/tcp\"]\n[files]\ndefault = \"allow\"\n",
+        allowed_addr.port()
+    );
+    let d = TestDaemon::start(&[("narrow", &narrow)]);
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agentd = agentd_tests::agentd_bin().display().to_string();
+    let target = allowed_addr.to_string();
+    let out = d
+        .agentd()
+        .env("AGENTD_CONFIG", &d.config)
+        .args([
+            "run",
+            "--profile",
+            "narrow",
+            "--",
+            &agentd,
+            "run",
+            "--profile",
+            "narrow",
+        ])
+        .args(["--", &act(), "connect", &target])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(last_json(&out)["ok"], true, "{}", stderr(&out));
+    assert_eq!(accepted(&allowed), 1);
+}
+
 #[test]
 fn a_nested_run_cannot_widen_anything() {
     let (allowed, allowed_addr) = listener();

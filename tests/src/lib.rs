@@ -428,7 +428,9 @@ impl TestDaemon {
 
     /// Waits until the daemon answers on its socket (true) or exits (false).
     fn wait_ready(&mut self) -> bool {
-        let ready = wait_until(Duration::from_secs(20), || {
+        // (A minute: in the VMs, under software emulation, BPF LSM programs take seconds to
+        // verify, more on a loaded machine.)
+        let ready = wait_until(Duration::from_secs(60), || {
             std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
                 || !matches!(self.child.try_wait(), Ok(None))
         });

@@ -685,6 +685,16 @@ async fn pump_events(daemon: Arc<Daemon>, reader: EventReader) {
 pub(crate) fn record(daemon: &Arc<Daemon>, e: &Event) {
     use agentd_common::events::{HOOK_SYSCALL_EXIT, VERDICT_AUDIT};
     let h = e.header();
+    // Without Landlock every file refusal is a BPF LSM hook's, which reports it: a failed
+    // file call seen at `sys_exit` (attached for seccomp refusals) is then that same
+    // refusal again, or one the kernel's own checks made (a ptrace check on /proc files,
+    // file permissions).
+    if matches!(e, Event::File(_))
+        && h.hook == HOOK_SYSCALL_EXIT
+        && daemon.file_enforcers.landlock.is_none()
+    {
+        return;
+    }
     // One denial, two reports: a BPF LSM hook refused a file access and the system call
     // then failed, which the Landlock path's reporter also sees. Keep the hook's.
     if let Event::File(_) = e {

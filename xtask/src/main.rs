@@ -14,6 +14,7 @@ mod bench;
 mod build;
 mod daemon;
 mod demo;
+mod host;
 mod setup;
 mod test;
 mod util;

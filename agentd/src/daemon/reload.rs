@@ -302,12 +302,16 @@ fn plan(
             ProfileSpec::Inline { source, .. } => {
                 // Narrowed again if its parent's policy changes (agents it launched too).
                 let parent = agent.parent_id.and_then(|id| planned.get(&id));
-                let policy = match parent {
+                let mut policy = match parent {
                     Some((p, n)) => {
                         agents::effective_under(daemon, &agent.name, &requested_now, Some((p, n)))
                     }
                     None => current.clone(),
                 };
+                agents::launch_files(daemon, &agent, &mut policy);
+                if policy != current {
+                    agents::can_take(daemon, &agent, &policy).map_err(refuse)?;
+                }
                 planned.insert(agent.id, (policy.clone(), agent.name.clone()));
                 steps.push(Step {
                     from,

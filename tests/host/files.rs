@@ -19,6 +19,23 @@ use serde_json::Value;
 
 pub const DEFAULT_PROFILE: &str = include_str!("../../profiles/default.toml");
 
+/// The shipped default profile; in the VMs without its process budget. The budget attaches
+/// the raw tracepoint `sys_enter`, and enabling a tracepoint patches kernel text, which qemu's
+/// software emulation with two vCPUs has crashed on (an int3 Oops in syscall_trace_enter on
+/// 6.12, seen twice): the budgets are tested on the host, the file rules here.
+pub fn default_profile() -> String {
+    if std::env::var_os("AGENTD_IN_VM").is_none() {
+        return DEFAULT_PROFILE.to_string();
+    }
+    let start = DEFAULT_PROFILE
+        .find("[budgets.processes]")
+        .expect("the default profile has a process budget");
+    let end = DEFAULT_PROFILE[start..]
+        .find("\n\n")
+        .map_or(DEFAULT_PROFILE.len(), |e| start + e + 2);
+    format!("{}{}", &DEFAULT_PROFILE[..start], &DEFAULT_PROFILE[end..])
+}
+
 /// Each step prints `STEP name rc=N err=...`; the script then waits for a line on stdin so
 /// the test can look at the agent before it ends.
 pub const SCRIPT: &str = r#"
@@ -296,7 +313,7 @@ pub fn outside(dir: &TempDir, other: &Bystander) {
 
 #[test]
 fn the_default_profile_keeps_secrets_and_writes_in_bounds() {
-    let d = TestDaemon::start(&[("default", DEFAULT_PROFILE)]);
+    let d = TestDaemon::start(&[("default", &default_profile())]);
     let dir = TempDir::new("files");
     // A root agent needs --degraded-ok here (Landlock does not check chmod/chown).
     let other = Bystander::start();
@@ -309,7 +326,7 @@ fn the_default_profile_keeps_secrets_and_writes_in_bounds() {
 fn a_root_agent_is_refused_without_degraded_ok_on_a_host_without_bpf_lsm() {
     if agentd::files::Enforcers::of_host().lsm {
         // On a kernel with BPF LSM there is nothing to refuse; the VM suite covers it.
-        let d = TestDaemon::start(&[("default", DEFAULT_PROFILE)]);
+        let d = TestDaemon::start(&[("default", &default_profile())]);
         let out = d.run(&["--profile", "default", "--user", "root", "--", "/bin/true"]);
         assert!(
             out.status.success(),
@@ -318,7 +335,7 @@ fn a_root_agent_is_refused_without_degraded_ok_on_a_host_without_bpf_lsm() {
         );
         return;
     }
-    let d = TestDaemon::start(&[("default", DEFAULT_PROFILE)]);
+    let d = TestDaemon::start(&[("default", &default_profile())]);
     let dir = TempDir::new("degraded");
     let marker = dir.path().join("ran");
     let out = d.run(&[

@@ -150,10 +150,10 @@ fn an_unregistered_cgroup_below_the_root_opens_nothing() {
 #[test]
 fn the_default_profile_on_bpf_lsm_alone_reports_from_the_hooks() {
     require_vm();
-    use crate::host_files::{Bystander, DEFAULT_PROFILE, check, outside, run_scenario};
+    use crate::host_files::{Bystander, check, default_profile, outside, run_scenario};
     use agentd_tests::{DaemonSetup, TestDaemon};
     let d = TestDaemon::with(DaemonSetup {
-        profiles: &[("default", DEFAULT_PROFILE)],
+        profiles: &[("default", &default_profile())],
         extra_config: "[files]\nenforcers = [\"lsm\"]\n",
         ..Default::default()
     });

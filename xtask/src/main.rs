@@ -58,13 +58,17 @@ enum Task {
     /// process budget, its audit trail, and the kill switch; then removes everything it
     /// created. Exits non-zero if anything did not behave as it says.
     Demo(demo::Options),
-    /// Measure what agentd costs (system calls outside and inside agents) and how fast its
-    /// kill switch is; writes bench/RESULTS.md and bench/results.json (as root; takes
-    /// several minutes, `--quick` under 2). Not part of `test`.
+    /// Measure what agentd costs (system calls, connects, opens and launches, outside and
+    /// inside agents), how fast its kill switch is, how it holds 1,000 agents and how many
+    /// denials a second it logs; writes bench/RESULTS.md and bench/results.json (as root;
+    /// takes about 20 minutes, `--quick` about 3). Not part of `test`.
     Bench(bench::Options),
     /// The measured loop of `bench`, run in a process of its own (outside or as an agent).
     #[command(hide = true)]
     BenchLoop(bench::LoopOptions),
+    /// Case 4 of `bench` inside the VM the bench boots (its init runs it).
+    #[command(hide = true)]
+    BenchVm(bench::VmOptions),
 }
 
 fn main() {
@@ -78,6 +82,7 @@ fn main() {
         Task::Demo(opts) => demo::run(opts),
         Task::Bench(opts) => bench::run(opts),
         Task::BenchLoop(opts) => bench::run_loop(opts),
+        Task::BenchVm(opts) => bench::run_vm(opts),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

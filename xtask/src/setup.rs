@@ -27,6 +27,7 @@ pub struct Options {}
 ///   (the package only; systemd need not be PID 1). Those tests also use setpriv and
 ///   unshare, from util-linux, which Debian always has (Essential).
 /// - python3: what the agent of `cargo xtask demo` runs (not in every Debian 12 install).
+/// - bubblewrap: what `cargo xtask bench` compares `agentd run` with (case 5).
 const DEBIAN_PACKAGES: &[&str] = &[
     "libseccomp-dev",
     "qemu-system-x86",
@@ -36,6 +37,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "systemd",
     "python3",
+    "bubblewrap",
 ];
 
 /// bpf-linker release that builds against the nightly's LLVM (see shared/ENVIRONMENT.md).

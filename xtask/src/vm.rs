@@ -62,7 +62,7 @@ pub fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
-fn kernel_dir(series: &str) -> Result<PathBuf> {
+pub(crate) fn kernel_dir(series: &str) -> Result<PathBuf> {
     installed_kernel(series).ok_or_else(|| {
         anyhow!(
             "no VM kernel {series} is installed; run `cargo xtask setup` (kernels live in {})",
@@ -101,7 +101,7 @@ fn build_vm_tests() -> Result<PathBuf> {
 }
 
 /// Shared libraries a dynamically linked binary loads, as `ldd` resolves them.
-fn shared_libraries(binary: &Path) -> Result<BTreeSet<PathBuf>> {
+pub(crate) fn shared_libraries(binary: &Path) -> Result<BTreeSet<PathBuf>> {
     let out = run_capture(Command::new("ldd").arg(binary))?;
     let mut libs = BTreeSet::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -118,7 +118,7 @@ fn shared_libraries(binary: &Path) -> Result<BTreeSet<PathBuf>> {
 }
 
 /// Copies `src` to `root` + `dest` without debug info.
-fn install_stripped(src: &Path, root: &Path, dest: &str) -> Result<()> {
+pub(crate) fn install_stripped(src: &Path, root: &Path, dest: &str) -> Result<()> {
     let target = root.join(dest.trim_start_matches('/'));
     fs::create_dir_all(target.parent().expect("has parent"))?;
     run_capture(
@@ -131,7 +131,7 @@ fn install_stripped(src: &Path, root: &Path, dest: &str) -> Result<()> {
     Ok(())
 }
 
-fn install_copy(src: &Path, root: &Path, dest: &Path) -> Result<()> {
+pub(crate) fn install_copy(src: &Path, root: &Path, dest: &Path) -> Result<()> {
     let target = root.join(dest.strip_prefix("/").unwrap_or(dest));
     fs::create_dir_all(target.parent().expect("has parent"))?;
     fs::copy(src, &target)
@@ -223,7 +223,7 @@ pub fn build_initramfs(filter: Option<&str>, shell: bool) -> Result<PathBuf> {
     Ok(image)
 }
 
-fn qemu(kernel: &Path, image: &Path) -> Result<Command> {
+pub(crate) fn qemu(kernel: &Path, image: &Path) -> Result<Command> {
     let config = fs::read_to_string(kernel.join("config")).unwrap_or_default();
     let lsm_list = config
         .lines()
@@ -265,7 +265,7 @@ pub struct VmReport {
 }
 
 /// Removes terminal escape sequences and carriage returns the firmware and console print.
-fn clean(line: &str) -> String {
+pub(crate) fn clean(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars().peekable();
     while let Some(c) = chars.next() {

@@ -163,6 +163,7 @@ pub fn run(config: &Config, args: RunArgs) -> i32 {
         home: args.home.as_ref().map(|h| absolute(&cwd, h)),
         degraded_ok: args.degraded_ok,
         adjustments,
+        explain: args.explain,
     }));
 
     // JSON carries paths as UTF-8 strings.

@@ -83,6 +83,10 @@ pub struct RunRequest {
     /// Start even if this host cannot enforce all of the policy (and say what is not).
     pub degraded_ok: bool,
     pub adjustments: Adjustments,
+    /// The client prints what was denied when the agent ends (`--explain`): the daemon then
+    /// gives the events of the agent's last moments a little time to arrive.
+    #[serde(default)]
+    pub explain: bool,
 }
 
 /// Messages the client may send on a `run` connection after `started`.

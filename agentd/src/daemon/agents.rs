@@ -1488,6 +1488,7 @@ pub async fn run(
     fds: Vec<OwnedFd>,
 ) {
     let d = daemon.clone();
+    let explain = req.explain;
     let prepared = match tokio::task::spawn_blocking(move || prepare(&d, req, &peer, fds)).await {
         Ok(Ok(p)) => p,
         Ok(Err((message, exit_code))) => {
@@ -1652,8 +1653,11 @@ pub async fn run(
             },
         }
     };
-    // What it was denied (the events of its last moments may still be on their way).
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // What it was denied (the events of its last moments may still be on their way: waited
+    // for only when the client asked, since every launch would pay it).
+    if explain {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let denials = state.explained.locked().lines(&state.name);
     // The agent ends with its first process: kill what it left running.
     let (d, s) = (daemon.clone(), state.clone());

@@ -4017,16 +4017,18 @@ fn launch_case(env: &Env, plan: &Plan, progress: &Progress) -> Result<CaseReport
                  shows; then the daemon's launch: cgroup, policy maps, resolver sockets, the \
                  launcher's fork, Landlock, seccomp, exec) and {after} ms from there to the \
                  exit status, for a program that runs for about a millisecond: the daemon \
-                 waits a fixed 20 ms after the agent's first process exits (for the records \
-                 of its last denials, agentd/src/daemon/agents.rs) before it tears the agent \
-                 down (cgroup.kill, removal of the cgroup, its map entries and resolver, the \
-                 reporter detached when the last agent ends) and sends the status. The daemon \
-                 used {cpu} ms of CPU per launch. While another agent runs the same launch \
+                 sees the agent's first process exit, tears the agent down (cgroup.kill, \
+                 removal of the cgroup, its map entries and resolver, the reporter detached \
+                 when the last agent ends) and sends the status (with `agentd run --explain`, \
+                 not used here, it first waits 20 ms for the records of the agent's last \
+                 denials). The daemon used {cpu} ms of CPU per launch. While another agent \
+                 runs the same launch \
                  takes {held} ms ({hstarted} ms until it runs, {hafter} ms after): the \
-                 difference is the attach of the Landlock reporter (`sys_exit`, a raw \
-                 tracepoint: the kernel patches the tracepoint's call sites and marks every \
-                 task of the host for the traced system call path) when the only agent \
-                 starts. \
+                 difference is the Landlock reporter (`sys_exit`), attached when the only \
+                 agent starts and detached when it ends. Its program is loaded once, at the \
+                 daemon's start; what a launch waits for is the kernel's raw tracepoint \
+                 attach (it patches the tracepoint's call sites on every CPU and marks every \
+                 task of the host for the traced system call path). \
                  With the default profile the Landlock rules of its file policy are built \
                  from the file system at each launch ({dstarted} ms until it runs), and its \
                  process budget attaches `sys_enter`.",
@@ -4980,14 +4982,17 @@ fn events_case(env: &Env, plan: &Plan, progress: &Progress) -> Result<CaseReport
         }],
         notes: vec![
             format!(
-                "Zero loss holds while the daemon keeps up, and a little longer: the ring buffer \
-                 (1 MiB, about 12,000 records of a denied connect: 80 bytes each plus the ring \
-                 buffer's 8) holds the records of a burst until it is full; past that the \
-                 kernel drops records and counts them (`agentd_events_lost_total`; the daemon \
-                 also wrote {lost_records} `events_lost` records). The kernel's side is cheap \
-                 (the loops reach the offered rates); the bound is the daemon, one thread \
-                 writing record after record: at the lossy levels it wrote {} records/s \
-                 (median), using {} µs of CPU per record. Per record it decodes the event, \
+                "Zero loss holds while the daemon keeps up, and a little longer: a burst's \
+                 records wait in the ring buffer (1 MiB, about 12,000 records of a denied \
+                 connect: 80 bytes each plus the ring buffer's 8) and in the batch the daemon \
+                 has already taken out of it (it drains all it finds, then writes them one by \
+                 one); once the ring buffer is full the kernel drops records and counts them \
+                 (`agentd_events_lost_total`; the daemon also wrote {lost_records} \
+                 `events_lost` records). The kernel's side is cheap (the loops reach the \
+                 offered rates; two agents as fast as they can make millions of denied \
+                 connects a second); the bound is the daemon, one thread writing record after \
+                 record: at the lossy levels it wrote {} records/s (median), using {} µs of CPU \
+                 per record. Per record it decodes the event, \
                  builds the record as a JSON tree, hashes it into the chain (SHA-256) and \
                  writes the line, each record under the log's flock with a check that no other \
                  writer rotated the file or left a pending record (stat calls) in between.",

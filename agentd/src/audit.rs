@@ -811,10 +811,12 @@ mod tests {
         let d = dir("live");
         let path = d.join("audit.jsonl");
         let mut log = AuditLog::open(&path, 1500, 1000).unwrap();
-        log.append(&who("w"), "test", json!({"i": 0}), false).unwrap();
+        log.append(&who("w"), "test", json!({"i": 0}), false)
+            .unwrap();
         let writer = std::thread::spawn(move || {
             for i in 1..1500 {
-                log.append(&who("w"), "test", json!({"i": i}), false).unwrap();
+                log.append(&who("w"), "test", json!({"i": i}), false)
+                    .unwrap();
             }
         });
         let mut reads = 0;

@@ -48,6 +48,9 @@
 //! every exit path, also on an error, a panic or Ctrl-C (and the daemon and qemu get a
 //! signal from the kernel should this process die); `leftovers` checks at the end.
 
+use crate::host::{
+    check_interrupted, install_signal_handlers, populated, proc_pids, rmdir_tree, tail,
+};
 use std::{
     collections::BTreeMap,
     ffi::{CString, OsStr, OsString},
@@ -1060,28 +1063,6 @@ fn cgroup2_mount() -> Result<PathBuf> {
         .context("no cgroup2 file system is mounted (see /proc/self/mountinfo)")
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Ctrl-C, SIGTERM and SIGHUP end the bench through its guards (which stop the daemon
-/// and remove what the bench created) instead of killing it on the spot.
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
 /// Polls `done` every `step` until it holds (true) or `timeout` passes (false); stops with
 /// an error when the bench is interrupted.
 fn wait_until(
@@ -1120,14 +1101,6 @@ fn count_lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// `populated` of a cgroup's cgroup.events; None if it cannot be read.
-fn populated(cg: &Path) -> Option<bool> {
-    let text = fs::read_to_string(cg.join("cgroup.events")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("populated "))
-        .map(|v| v.trim() != "0")
-}
-
 /// Kills every process of a cgroup tree that this bench named, and removes the tree.
 fn remove_cgroup_tree(path: &Path) -> Result<()> {
     if !path.exists() {
@@ -1136,27 +1109,6 @@ fn remove_cgroup_tree(path: &Path) -> Result<()> {
     let _ = fs::write(path.join("cgroup.kill"), "1");
     wait_for(Duration::from_secs(10), || populated(path) != Some(true));
     rmdir_tree(path)
-}
-
-fn rmdir_tree(path: &Path) -> Result<()> {
-    for entry in fs::read_dir(path)?.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            rmdir_tree(&entry.path())?;
-        }
-    }
-    let mut last = None;
-    let gone = wait_for(Duration::from_secs(5), || match fs::remove_dir(path) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => {
-            last = Some(e);
-            false
-        }
-    });
-    if !gone {
-        bail!("rmdir {}: {:?}", path.display(), last);
-    }
-    Ok(())
 }
 
 /// What this run could have left behind: cgroups and pins named agentd-bench-<pid>*, and
@@ -1190,15 +1142,6 @@ fn leftovers(bench_dir: &Path) -> Vec<String> {
         }
     }
     out
-}
-
-fn proc_pids() -> Vec<u32> {
-    fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1339,12 +1282,6 @@ fn loop_result(status: ExitStatus, out: &str, err: &str, what: &str) -> Result<f
         Some(ns) if status.success() => Ok(ns),
         _ => bail!("{what} failed ({status}): stdout {out:?}, stderr {err:?}"),
     }
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 // ---------------------------------------------------------------------------------------
